@@ -1,0 +1,162 @@
+"""The `asr` command: prepare, train, evaluate, transcribe."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .audio import AudioError
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .corpora import CorpusError
+from .data import ManifestError
+
+FORMATS = ("txt", "json", "srt", "vtt")
+
+
+def _timestamp(seconds: float, sep: str) -> str:
+    ms = int(round(seconds * 1000))
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+def format_subtitles(words: list, fmt: str, max_words: int = 10, max_gap: float = 1.0) -> str:
+    """SRT or WebVTT cues of up to `max_words` words, split at pauses longer than `max_gap` seconds."""
+    cues, current = [], []
+    for w in words:
+        if current and (len(current) >= max_words or w.start - current[-1].end > max_gap):
+            cues.append(current)
+            current = []
+        current.append(w)
+    if current:
+        cues.append(current)
+    sep = "," if fmt == "srt" else "."
+    lines = ["WEBVTT", ""] if fmt == "vtt" else []
+    for n, cue in enumerate(cues, start=1):
+        if fmt == "srt":
+            lines.append(str(n))
+        lines.append(f"{_timestamp(cue[0].start, sep)} --> {_timestamp(cue[-1].end, sep)}")
+        lines.append(" ".join(w.word for w in cue))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from . import corpora
+
+    out = Path(args.out)
+    if args.corpus == "fsdd":
+        paths = corpora.prepare_fsdd(args.data, out, test_speaker=args.test_speaker)
+    elif args.corpus == "kaldi":
+        paths = {Path(d).name: corpora.prepare_kaldi(d, out / f"{Path(d).name}.jsonl") for d in args.data}
+    else:
+        paths = {Path(d).name: corpora.prepare_librispeech(d, out / f"{Path(d).name}.jsonl") for d in args.data}
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .train import Trainer
+
+    config = load_config(args.config, args.overrides)
+    trainer = Trainer(config, args.train, args.dev, args.out, progress=not args.no_progress)
+    result = trainer.fit(resume=not args.restart)
+    print(f"best dev WER {result.best_wer:.2%}; model in {result.best_dir}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate_manifest
+    from .transcribe import load_model
+
+    model = load_model(args.model, device=args.device)
+    summary = evaluate_manifest(model.model, model.vocab, args.manifest, args.out)
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_transcribe(args: argparse.Namespace) -> None:
+    from .transcribe import load_model
+
+    model = load_model(args.model, device=args.device)
+    failed = 0
+    for path in args.audio:
+        try:
+            result = model.transcribe(path, chunk_seconds=args.chunk_seconds)
+        except AudioError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        if args.format == "txt":
+            print(result.text if len(args.audio) == 1 else f"{path}\t{result.text}")
+        elif args.format == "json":
+            print(json.dumps({"audio": str(path), **result.to_dict()}))
+        else:
+            print(format_subtitles(result.words, args.format))
+    if failed:
+        sys.exit(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asr", description="Deep Speech 2-style speech recognition.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="write JSONL manifests for a corpus",
+                       description="Write JSON-lines manifests {audio_filepath, duration, text, id}.")
+    p.add_argument("corpus", choices=["fsdd", "kaldi", "librispeech"])
+    p.add_argument("--data", nargs="+", required=True,
+                   help="fsdd: the FSDD folder; kaldi: one or more data folders (text, wav.scp); "
+                        "librispeech: one or more split folders (e.g. LibriSpeech/train-clean-100)")
+    p.add_argument("--out", required=True, help="folder for the manifests (one NAME.jsonl per folder)")
+    p.add_argument("--test-speaker", default="theo", help="fsdd: speaker held out for testing")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model",
+                       description="Train from manifests; resumes from OUT/checkpoints if present.")
+    p.add_argument("--config", help="YAML file with model/data/train sections")
+    p.add_argument("--train", required=True, help="training manifest (.jsonl or .csv)")
+    p.add_argument("--dev", required=True, help="dev manifest for evaluation and best-model selection")
+    p.add_argument("--out", required=True, help="experiment folder; the best model goes to OUT/best")
+    p.add_argument("--restart", action="store_true", help="ignore existing checkpoints in OUT")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. train.lr=5e-4 model.gru_hidden=256")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a model on a manifest (WER/CER)",
+                       description="Writes OUT/hypotheses.jsonl and OUT/summary.json.")
+    p.add_argument("--model", required=True, help="model folder (e.g. exp/fsdd/best)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", help="folder for hypotheses.jsonl and summary.json")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("transcribe", help="transcribe audio files",
+                       description="Transcribe wav/flac/ogg/opus/mp3 files (any rate, any channels).")
+    p.add_argument("audio", nargs="+", help="audio files")
+    p.add_argument("--model", help="model folder (default: $ASR_MODEL)")
+    p.add_argument("--format", choices=FORMATS, default="txt")
+    p.add_argument("--chunk-seconds", type=float, default=30.0, help="window length for long audio")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_transcribe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (AudioError, CheckpointError, ConfigError, CorpusError, ManifestError, FileNotFoundError) as e:
+        print(f"asr {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Manifests, the training Dataset, a length-bucketed SortaGrad batch sampler and padding collate."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torchaudio.functional as AF
+from torch.utils.data import Dataset, Sampler
+
+from .audio import SAMPLE_RATE, load_audio
+from .text import Vocabulary, normalize_text
+
+log = logging.getLogger(__name__)
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; names the file and line."""
+
+
+@dataclass
+class Utterance:
+    audio_filepath: str
+    duration: float
+    text: str
+    id: str = ""
+
+
+def _check_entry(raw: dict, where: str, base: Path) -> Utterance:
+    missing = [k for k in ("audio_filepath", "duration", "text") if k not in raw]
+    if missing:
+        raise ManifestError(f"{where}: missing field(s) {', '.join(missing)}")
+    try:
+        duration = float(raw["duration"])
+    except (TypeError, ValueError):
+        raise ManifestError(f"{where}: duration {raw['duration']!r} is not a number") from None
+    if not math.isfinite(duration) or duration < 0:
+        raise ManifestError(f"{where}: duration {duration} is not a non-negative number")
+    path = str(raw["audio_filepath"])
+    if not os.path.isabs(path):
+        path = str(base / path)
+    utt_id = str(raw.get("id") or Path(path).stem)
+    return Utterance(path, duration, str(raw["text"]), utt_id)
+
+
+def read_manifest(path: str | os.PathLike) -> list[Utterance]:
+    """Read a JSON-lines (NeMo style) or CSV manifest. Relative audio paths are relative to the manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    base = path.parent
+    utterances = []
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.suffix.lower() == ".csv":
+            reader = csv.DictReader(f)
+            for n, row in enumerate(reader, start=2):
+                utterances.append(_check_entry(row, f"{path}:{n}", base))
+        else:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    raw = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ManifestError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(raw, dict):
+                    raise ManifestError(f"{path}:{n}: expected a JSON object")
+                utterances.append(_check_entry(raw, f"{path}:{n}", base))
+    if not utterances:
+        raise ManifestError(f"{path}: manifest has no utterances")
+    return utterances
+
+
+def write_manifest(utterances: Sequence[Utterance], path: str | os.PathLike) -> None:
+    """Write a JSON-lines manifest atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for u in utterances:
+            f.write(json.dumps({"audio_filepath": u.audio_filepath, "duration": round(u.duration, 4),
+                                "text": u.text, "id": u.id}) + "\n")
+    os.replace(tmp, path)
+
+
+def filter_by_duration(utterances: list[Utterance], max_duration: float | None,
+                       min_duration: float = 0.1) -> list[Utterance]:
+    """Drop utterances that are too long to train on, or too short to produce a frame."""
+    kept = [u for u in utterances
+            if u.duration >= min_duration and (max_duration is None or u.duration <= max_duration)]
+    if len(kept) < len(utterances):
+        log.info("dropped %d of %d utterances outside %.2f-%s s", len(utterances) - len(kept),
+                 len(utterances), min_duration, max_duration)
+    return kept
+
+
+class SpeechDataset(Dataset):
+    """Returns (waveform, token ids, id), with optional speed perturbation and white noise at a random SNR."""
+
+    def __init__(self, utterances: list[Utterance], vocab: Vocabulary,
+                 speed_perturb: Sequence[float] = (), noise_snr_db: Sequence[float] = (), noise_prob: float = 0.0):
+        self.utterances = utterances
+        self.vocab = vocab
+        self.speed_perturb = list(speed_perturb)
+        if noise_snr_db and len(noise_snr_db) != 2:
+            raise ValueError("noise_snr_db is a [min, max] range in dB")
+        self.noise_snr_db = list(noise_snr_db)
+        self.noise_prob = noise_prob
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        utt = self.utterances[index]
+        wave = load_audio(utt.audio_filepath)
+        if self.speed_perturb:
+            # torch's RNG: seeded per loader worker from the (checkpointed) main-process state
+            factor = self.speed_perturb[int(torch.randint(len(self.speed_perturb), ()))]
+            if factor != 1.0:  # resampling to rate/factor then playing at rate speeds up by factor
+                wave = AF.resample(wave, int(SAMPLE_RATE * factor), SAMPLE_RATE)
+        if self.noise_snr_db and float(torch.rand(())) < self.noise_prob:
+            low, high = self.noise_snr_db
+            snr = low + (high - low) * torch.rand(1)
+            wave = AF.add_noise(wave[None], torch.randn(1, len(wave)), snr)[0]
+        return wave, torch.tensor(self.vocab.encode(utt.text), dtype=torch.long), utt.id
+
+
+def collate(batch: list[tuple[torch.Tensor, torch.Tensor, str]]) -> dict:
+    """Pad waveforms and targets into a batch dict."""
+    waves, targets, ids = zip(*batch)
+    wave_lengths = torch.tensor([len(w) for w in waves])
+    padded = torch.zeros(len(waves), int(wave_lengths.max()))
+    for i, w in enumerate(waves):
+        padded[i, : len(w)] = w
+    return {
+        "waves": padded,
+        "wave_lengths": wave_lengths,
+        "targets": torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long),
+        "target_lengths": torch.tensor([len(t) for t in targets]),
+        "ids": list(ids),
+    }
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of similar-length utterances whose padded size stays under `max_batch_seconds`.
+
+    Deterministic for a (seed, epoch). With SortaGrad the first epoch runs shortest-first;
+    later epochs shuffle within length buckets and shuffle the batch order. Batches are sharded
+    across `num_replicas` ranks (each gets the same number). `start_batch` skips batches already
+    done in the epoch (resuming).
+    """
+
+    def __init__(self, durations: Sequence[float], max_batch_seconds: float, max_batch_size: int = 256,
+                 num_buckets: int = 20, shuffle: bool = True, sortagrad: bool = True, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0):
+        if max_batch_seconds <= 0:
+            raise ValueError("max_batch_seconds must be positive")
+        self.durations = list(durations)
+        self.max_batch_seconds = max_batch_seconds
+        self.max_batch_size = max_batch_size
+        self.num_buckets = num_buckets
+        self.shuffle = shuffle
+        self.sortagrad = sortagrad
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def _pack(self, order: list[int]) -> list[list[int]]:
+        batches, batch, longest = [], [], 0.0
+        for i in order:
+            d = self.durations[i]
+            new_longest = max(longest, d)
+            if batch and (new_longest * (len(batch) + 1) > self.max_batch_seconds
+                          or len(batch) >= self.max_batch_size):
+                batches.append(batch)
+                batch, new_longest = [], d
+            batch.append(i)
+            longest = new_longest
+        if batch:
+            batches.append(batch)
+        return batches
+
+    def batches(self, epoch: int | None = None) -> list[list[int]]:
+        """All batches of this rank for `epoch` (default: the current one), before skipping."""
+        epoch = self.epoch if epoch is None else epoch
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        by_length = sorted(range(len(self.durations)), key=lambda i: self.durations[i])
+        if not self.shuffle or (self.sortagrad and epoch == 0):
+            batches = self._pack(by_length)
+        else:
+            size = max(math.ceil(len(by_length) / self.num_buckets), self.max_batch_size)  # a bucket fills a batch
+            batches = []
+            for start in range(0, len(by_length), size):  # similar lengths, fresh company each epoch
+                bucket = by_length[start:start + size]
+                rng.shuffle(bucket)
+                batches.extend(self._pack(bucket))
+            rng.shuffle(batches)
+        if self.num_replicas > 1:
+            per_rank = len(batches) // self.num_replicas
+            if per_rank == 0:
+                raise ValueError("fewer batches than ranks: lower max_batch_seconds")
+            batches = batches[self.rank: per_rank * self.num_replicas: self.num_replicas]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches()[self.start_batch:]
+
+    def __len__(self) -> int:
+        return len(self.batches()) - self.start_batch

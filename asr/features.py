@@ -1,0 +1,114 @@
+"""Log-mel features, their normalisation and SpecAugment, computed as a module on the model's device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torchaudio.functional as AF
+import torchaudio.transforms as T
+from torch import nn
+
+from .audio import SAMPLE_RATE
+
+
+@dataclass
+class FeatureConfig:
+    n_mels: int = 80
+    win_ms: float = 25.0
+    hop_ms: float = 10.0
+    n_fft: int = 512
+    f_min: float = 0.0
+    f_max: float | None = None  # None: half the sample rate; 4000 suits telephone / 8 kHz corpora
+    normalization: str = "per_utterance"  # "per_utterance" | "global" | "none"
+    # SpecAugment (torchaudio masking), active in training mode only
+    freq_masks: int = 2
+    freq_mask_width: int = 27
+    time_masks: int = 2
+    time_mask_width: int = 40
+    time_mask_max_ratio: float = 0.1
+
+    @property
+    def hop_length(self) -> int:
+        return int(round(SAMPLE_RATE * self.hop_ms / 1000))
+
+    @property
+    def win_length(self) -> int:
+        return int(round(SAMPLE_RATE * self.win_ms / 1000))
+
+
+def _lengths_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(batch, max_len) bool mask: True inside each sequence."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class LogMel(nn.Module):
+    """Waveforms (batch, samples) -> normalised log-mel (batch, n_mels, frames) and frame counts."""
+
+    def __init__(self, config: FeatureConfig):
+        super().__init__()
+        if config.normalization not in ("per_utterance", "global", "none"):
+            raise ValueError(f"unknown feature normalization {config.normalization!r}")
+        if config.win_length > config.n_fft:
+            raise ValueError(f"win_ms={config.win_ms} gives a window longer than n_fft={config.n_fft}")
+        self.config = config
+        self.mel = T.MelSpectrogram(sample_rate=SAMPLE_RATE, n_fft=config.n_fft,
+                                    win_length=config.win_length, hop_length=config.hop_length,
+                                    n_mels=config.n_mels, f_min=config.f_min, f_max=config.f_max,
+                                    center=True, power=2.0)
+        # Global statistics (used when normalization == "global"); set by the recipe's stats pass.
+        self.register_buffer("mean", torch.zeros(config.n_mels))
+        self.register_buffer("std", torch.ones(config.n_mels))
+
+    def frame_lengths(self, sample_lengths: torch.Tensor) -> torch.Tensor:
+        return sample_lengths // self.config.hop_length + 1
+
+    def raw(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Un-normalised log-mel with padding frames zeroed."""
+        # Zero-pad the end so that the STFT's reflect padding never sees a neighbour's padding:
+        # an utterance gives the same frames alone and in a padded batch.
+        waves = torch.nn.functional.pad(waves.float(), (0, self.config.n_fft // 2))
+        with torch.autocast(waves.device.type, enabled=False):
+            feats = torch.log(self.mel(waves) + 1e-6)
+        frames = self.frame_lengths(lengths)
+        feats = feats[..., : int(frames.max())]
+        mask = _lengths_mask(frames, feats.shape[-1])[:, None, :]
+        return feats.masked_fill(~mask, 0.0), frames
+
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, frames = self.raw(waves, lengths)
+        mask = _lengths_mask(frames, feats.shape[-1])[:, None, :]
+        if self.config.normalization == "per_utterance":
+            count = frames[:, None, None].to(feats.dtype)
+            mean = feats.sum(-1, keepdim=True) / count
+            var = ((feats - mean) ** 2).masked_fill(~mask, 0.0).sum(-1, keepdim=True) / count
+            feats = (feats - mean) / (var.sqrt() + 1e-5)
+        elif self.config.normalization == "global":
+            feats = (feats - self.mean[None, :, None]) / self.std[None, :, None]
+        return feats.masked_fill(~mask, 0.0), frames
+
+    @torch.no_grad()
+    def set_global_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(mean)
+        self.std.copy_(std.clamp_min(1e-5))
+
+
+class SpecAugment(nn.Module):
+    """Frequency and time masking (torchaudio), per utterance, applied only in training mode."""
+
+    def __init__(self, config: FeatureConfig):
+        super().__init__()
+        self.config = config
+
+    def forward(self, feats: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if not self.training:
+            return feats
+        out = feats.unsqueeze(1)  # (batch, 1, mels, time)
+        for _ in range(cfg.freq_masks):
+            out = AF.mask_along_axis_iid(out, cfg.freq_mask_width, 0.0, axis=2)
+        for i, n in enumerate(frames.tolist()):  # time masks sized by each utterance's own length
+            width = min(cfg.time_mask_width, int(cfg.time_mask_max_ratio * n))
+            for _ in range(cfg.time_masks if width > 0 else 0):
+                out[i, :, :, :n] = AF.mask_along_axis(out[i, :, :, :n], width, 0.0, axis=2)
+        return out.squeeze(1)

@@ -1,0 +1,67 @@
+"""What every recipe does after preparing its manifests: train, score the test sets, write a results table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from .config import load_config
+from .evaluate import evaluate_manifest
+from .train import Trainer
+from .transcribe import load_model
+
+
+def recipe_arguments(description: str, data_env: str, default_data: str, default_config: Path) -> argparse.ArgumentParser:
+    """The options every recipe takes: --data, --out, --config, --device and key=value overrides."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data", default=os.environ.get(data_env, default_data),
+                        help=f"corpus folder (default: ${data_env} or {default_data})")
+    parser.add_argument("--out", required=True, help="experiment folder; the best model goes to OUT/best")
+    parser.add_argument("--config", default=str(default_config), help="YAML configuration")
+    parser.add_argument("--restart", action="store_true", help="ignore checkpoints already in OUT")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
+    return parser
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def run_experiment(args: argparse.Namespace, train: Path, dev: Path, tests: dict[str, Path], command: str) -> dict:
+    """Train on `train` (selecting on `dev`), score the best model on each test set, write OUT/RESULTS.md."""
+    out = Path(args.out)
+    config = load_config(args.config, args.overrides)
+    start = time.perf_counter()
+    trainer = Trainer(config, train, dev, out, progress=not args.no_progress)
+    result = trainer.fit(resume=not args.restart)
+    train_minutes = (time.perf_counter() - start) / 60
+    model = load_model(result.best_dir, device=str(trainer.device))
+    rows = {}
+    for name, manifest in {"dev": dev, **tests}.items():
+        rows[name] = evaluate_manifest(model.model, model.vocab, manifest, out / "eval" / name,
+                                       progress=not args.no_progress)
+    results = {
+        "command": command, "config": args.config, "overrides": args.overrides,
+        "parameters": model.model.num_parameters(), "steps": result.steps,
+        "train_minutes": round(train_minutes, 1), "machine": machine_description(trainer.device),
+        "results": {k: {m: v[m] for m in ("utterances", "wer", "cer", "real_time_factor")} for k, v in rows.items()},
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    lines = [f"Command: `{command}`", "",
+             f"{results['parameters'] / 1e6:.2f} M parameters, {result.steps} steps, "
+             f"{results['train_minutes']} min of training on {results['machine']}.", "",
+             "| set | utterances | WER | CER |", "|---|---|---|---|"]
+    for name, r in results["results"].items():
+        lines.append(f"| {name} | {r['utterances']} | {r['wer']:.2%} | {r['cer']:.2%} |")
+    (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return results

@@ -1,0 +1,79 @@
+"""English text: the one normaliser shared by training and scoring, and the character vocabulary."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass, field
+
+from num2words import num2words
+
+BLANK = "<blank>"
+ENGLISH_CHARACTERS = [BLANK, " ", "'", *"abcdefghijklmnopqrstuvwxyz"]
+
+_SYMBOL_WORDS = {"&": " and ", "%": " percent ", "+": " plus ", "@": " at ", "=": " equals "}
+_ORDINAL = re.compile(r"\b(\d+)(st|nd|rd|th)\b")
+_DECIMAL = re.compile(r"\b\d+\.\d+\b")
+_NUMBER = re.compile(r"\d+")
+_APOSTROPHES = re.compile(r"[\u2018\u2019\u02bc`´]")
+_NOT_ALLOWED = re.compile(r"[^a-z' ]+")
+_EDGE_APOSTROPHE = re.compile(r"(?<![a-z])'|'(?![a-z])")
+_SPACES = re.compile(r"\s+")
+
+
+def _spell(match: re.Match[str], **kwargs: object) -> str:
+    return " " + num2words(match.group(0) if not kwargs else match.group(1), **kwargs) + " "
+
+
+def normalize_text(text: str) -> str:
+    """Lower-case English words made of a-z and in-word apostrophes, single-spaced.
+
+    Numbers are spelled out ("21st" -> "twenty first", "3.5" -> "three point five"),
+    a few symbols become words, accents are stripped and other punctuation is removed.
+    """
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    text = _APOSTROPHES.sub("'", text).lower()
+    for symbol, word in _SYMBOL_WORDS.items():
+        text = text.replace(symbol, word)
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)  # 1,000 -> 1000
+    text = _ORDINAL.sub(lambda m: _spell(m, to="ordinal"), text)
+    text = _DECIMAL.sub(_spell, text)
+    text = _NUMBER.sub(_spell, text)
+    text = text.replace("-", " ")
+    text = _NOT_ALLOWED.sub(" ", text)
+    text = _EDGE_APOSTROPHE.sub(" ", text)
+    return _SPACES.sub(" ", text).strip()
+
+
+@dataclass
+class Vocabulary:
+    """Characters the model emits; index 0 is the CTC blank."""
+
+    tokens: list[str] = field(default_factory=lambda: list(ENGLISH_CHARACTERS))
+
+    def __post_init__(self) -> None:
+        if not self.tokens or self.tokens[0] != BLANK:
+            raise ValueError(f"the first token must be the CTC blank {BLANK!r}")
+        if len(set(self.tokens)) != len(self.tokens):
+            raise ValueError("vocabulary tokens must be unique")
+        self._index = {t: i for i, t in enumerate(self.tokens)}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def blank(self) -> int:
+        return 0
+
+    @property
+    def space(self) -> int:
+        return self._index[" "]
+
+    def encode(self, text: str) -> list[int]:
+        """Normalise `text` and map it to token ids (characters outside the vocabulary dropped)."""
+        return [self._index[c] for c in normalize_text(text) if c in self._index]
+
+    def decode(self, ids: list[int]) -> str:
+        """Map ids to text (no CTC collapsing here; blanks are skipped)."""
+        return "".join(self.tokens[i] for i in ids if i != self.blank)

@@ -1,0 +1,135 @@
+"""The public inference API: `load_model(path)` -> `ASRModel.transcribe(audio)`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, overload
+
+import torch
+
+from .audio import SAMPLE_RATE, AudioInput, load_audio
+from .checkpoint import load_model_files
+from .decoding import Transcription, greedy_decode
+from .device import resolve_device
+from .model import DeepSpeech2
+from .text import Vocabulary
+
+DEFAULT_MODEL_ENV = "ASR_MODEL"
+
+
+@dataclass
+class TranscribeOptions:
+    decoder: str = "greedy"
+    batch_size: int = 16  # windows decoded together
+    chunk_seconds: float = 30.0  # longer audio is cut into overlapping windows of this length
+    overlap_seconds: float = 4.0  # half of the overlap is trusted from each side when stitching
+
+
+@dataclass
+class _Window:
+    item: int
+    start: int  # sample offset into the item
+    wave: torch.Tensor
+
+
+class ASRModel:
+    """A trained recognizer: weights, vocabulary and settings, ready to transcribe."""
+
+    def __init__(self, model: DeepSpeech2, vocab: Vocabulary, meta: dict | None = None):
+        self.model = model.eval()
+        self.vocab = vocab
+        self.meta = meta or {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def frame_seconds(self) -> float:
+        return self.model.config.frame_seconds
+
+    def _samples_per_frame(self) -> int:
+        return self.model.config.features.hop_length * self.model.config.time_stride
+
+    def _windows(self, item: int, wave: torch.Tensor, opts: TranscribeOptions) -> list[_Window]:
+        per_frame = self._samples_per_frame()
+        chunk = int(opts.chunk_seconds * SAMPLE_RATE) // per_frame * per_frame
+        overlap = int(opts.overlap_seconds * SAMPLE_RATE) // per_frame * per_frame
+        if chunk <= overlap or overlap < 0:
+            raise ValueError("chunk_seconds must be longer than overlap_seconds (and overlap >= 0)")
+        if len(wave) <= chunk:
+            return [_Window(item, 0, wave)]
+        starts = list(range(0, len(wave) - overlap, chunk - overlap))
+        return [_Window(item, s, wave[s: s + chunk]) for s in starts]
+
+    @torch.no_grad()
+    def posteriors(self, waves: Sequence[torch.Tensor], options: TranscribeOptions | None = None
+                   ) -> list[torch.Tensor]:
+        """CTC log-probabilities (frames, vocab) per 16 kHz waveform, long ones windowed and stitched."""
+        opts = options or TranscribeOptions()
+        windows = [w for i, wave in enumerate(waves) for w in self._windows(i, wave, opts)]
+        order = sorted(range(len(windows)), key=lambda k: len(windows[k].wave))
+        outputs: list[torch.Tensor | None] = [None] * len(windows)
+        for b in range(0, len(order), opts.batch_size):
+            idx = order[b: b + opts.batch_size]
+            lengths = torch.tensor([len(windows[k].wave) for k in idx])
+            batch = torch.zeros(len(idx), int(lengths.max()))
+            for row, k in enumerate(idx):
+                batch[row, : lengths[row]] = windows[k].wave
+            log_probs, out_lengths = self.model(batch.to(self.device), lengths.to(self.device))
+            for row, k in enumerate(idx):
+                outputs[k] = log_probs[row, : out_lengths[row]].cpu()
+        per_frame = self._samples_per_frame()
+        half_overlap = int(opts.overlap_seconds * SAMPLE_RATE) // per_frame // 2
+        stitched = []
+        for i in range(len(waves)):
+            mine = [(w, outputs[k]) for k, w in enumerate(windows) if w.item == i]
+            pieces = []
+            for j, (w, lp) in enumerate(mine):
+                first = 0 if j == 0 else half_overlap
+                last = len(lp) if j == len(mine) - 1 else (mine[j + 1][0].start - w.start) // per_frame + half_overlap
+                pieces.append(lp[first:last])
+            stitched.append(torch.cat(pieces))
+        return stitched
+
+    @overload
+    def transcribe(self, audio: AudioInput, sample_rate: int | None = None, **options) -> Transcription: ...
+    @overload
+    def transcribe(self, audio: list[AudioInput], sample_rate: int | None = None, **options) -> list[Transcription]: ...
+
+    def transcribe(self, audio, sample_rate=None, **options):
+        """Transcribe a path, an array/tensor of samples (give `sample_rate`), or a list of them.
+
+        Returns a Transcription (text, words with start/end seconds and confidence, duration), or a list.
+        Options are the fields of TranscribeOptions (decoder, batch_size, chunk_seconds, overlap_seconds).
+        """
+        opts = TranscribeOptions(**options)
+        if opts.decoder != "greedy":
+            raise ValueError(f"unknown decoder {opts.decoder!r}; available: 'greedy'")
+        single = not isinstance(audio, (list, tuple))
+        items = [audio] if single else list(audio)
+        waves = [load_audio(a, sample_rate) for a in items]
+        results = []
+        for wave, lp in zip(waves, self.posteriors(waves, opts)):
+            result = greedy_decode(lp[None], torch.tensor([len(lp)]), self.vocab, self.frame_seconds)[0]
+            result.duration = round(len(wave) / SAMPLE_RATE, 3)
+            for w in result.words:
+                w.end = min(w.end, result.duration)
+            results.append(result)
+        return results[0] if single else results
+
+
+def load_model(path: str | os.PathLike | None = None, device: str = "auto") -> ASRModel:
+    """Load a model folder written by training (e.g. `exp/fsdd/best`).
+
+    With no path, the folder named by the ASR_MODEL environment variable is used.
+    """
+    if path is None:
+        path = os.environ.get(DEFAULT_MODEL_ENV)
+        if not path:
+            raise FileNotFoundError(f"no model path given and ${DEFAULT_MODEL_ENV} is not set; "
+                                    "train one with a recipe (see README) and pass its best/ folder")
+    model, vocab, meta = load_model_files(Path(path), resolve_device(device))
+    return ASRModel(model, vocab, meta)

@@ -1,0 +1,73 @@
+"""Shared fixtures: tone 'speech' that a tiny model can learn, and small corpora in real layouts."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from asr.text import ENGLISH_CHARACTERS
+
+SHARED_DATA = Path(os.environ.get("ASR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+TEXTS = ["one two", "cab", "bad egg", "fee", "dig a hole", "ace"]
+
+
+def tone_speech(text: str, sample_rate: int = 16_000, seed: int = 0) -> np.ndarray:
+    """Each letter a 70 ms tone of its own pitch, spaces 120 ms of silence, a little noise."""
+    rng = np.random.default_rng(seed)
+    pieces = [np.zeros(int(0.1 * sample_rate))]
+    for ch in text:
+        n = int((0.12 if ch == " " else 0.07) * sample_rate)
+        t = np.arange(n) / sample_rate
+        if ch == " ":
+            pieces.append(np.zeros(n))
+        else:
+            freq = 250.0 + 110.0 * ENGLISH_CHARACTERS.index(ch)
+            pieces.append(0.4 * np.sin(2 * np.pi * freq * t) * np.hanning(n))
+    pieces.append(np.zeros(int(0.1 * sample_rate)))
+    wave = np.concatenate(pieces)
+    return (wave + 0.003 * rng.standard_normal(len(wave))).astype(np.float32)
+
+
+def write_tone_corpus(folder: Path, texts: list[str] = TEXTS) -> Path:
+    """Tone-speech wav files and a JSONL manifest over them; returns the manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / "manifest.jsonl"
+    with open(manifest, "w") as f:
+        for i, text in enumerate(texts):
+            wave = tone_speech(text, seed=i)
+            path = folder / f"utt{i}.wav"
+            sf.write(path, wave, 16_000)
+            f.write(json.dumps({"audio_filepath": path.name, "duration": len(wave) / 16_000, "text": text}) + "\n")
+    return manifest
+
+
+@pytest.fixture(scope="session")
+def tone_corpus(tmp_path_factory) -> Path:
+    return write_tone_corpus(tmp_path_factory.mktemp("tones"))
+
+
+TINY_OVERRIDES = [
+    "model.conv_channels=[8]", "model.conv_kernels=[[5,11]]", "model.conv_strides=[[2,2]]",
+    "model.gru_layers=1", "model.gru_hidden=96", "model.dropout=0.0", "model.features.n_mels=40",
+    "model.features.freq_masks=0", "model.features.time_masks=0",
+    "data.max_batch_seconds=100", "data.num_workers=0",
+    "train.lr=5e-3", "train.warmup_steps=10", "train.min_lr_ratio=0.2", "train.log_every_steps=50",
+]
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_model(tone_corpus, tmp_path_factory) -> Path:
+    """A tiny model trained to zero error on the tone corpus (shared by several tests)."""
+    from asr.config import load_config
+    from asr.train import Trainer
+
+    out = tmp_path_factory.mktemp("tiny_exp")
+    config = load_config(None, TINY_OVERRIDES + ["train.epochs=120", "train.eval_every_steps=5"])
+    result = Trainer(config, tone_corpus, tone_corpus, out, progress=False).fit()
+    assert result.best_wer == 0.0, f"tiny model did not overfit (best WER {result.best_wer})"
+    return result.best_dir

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from asr.model import DeepSpeech2, ModelConfig
+
+SMALL = dict(gru_layers=2, gru_hidden=64)
+
+
+@pytest.mark.parametrize("strides", [[[2, 2], [1, 2]], [[2, 2], [2, 1]], [[1, 2]]])
+def test_output_lengths_for_odd_inputs(strides):
+    n = len(strides)
+    cfg = ModelConfig(conv_channels=[8] * n, conv_kernels=[[11, 41], [11, 21]][:n], conv_strides=strides, **SMALL)
+    model = DeepSpeech2(cfg).eval()
+    lengths = torch.tensor([16001, 3203, 1601, 4799])
+    waves = torch.randn(4, 16001)
+    log_probs, out_lengths = model(waves, lengths)
+    assert torch.equal(out_lengths, model.output_lengths(lengths))
+    assert log_probs.shape == (4, int(out_lengths.max()), cfg.vocab_size)
+    frames = lengths // 160 + 1
+    assert torch.all(out_lengths == -(-frames // cfg.time_stride))  # ceil(frames / stride)
+    assert torch.allclose(log_probs.exp().sum(-1), torch.ones(()), atol=1e-4)
+
+
+def test_padding_never_leaks():
+    """An utterance gives the same posteriors alone and beside a longer one in a padded batch."""
+    torch.manual_seed(0)
+    model = DeepSpeech2(ModelConfig(**SMALL)).eval()
+    short, long = torch.randn(5000), torch.randn(16000)
+    batch = torch.zeros(2, 16000)
+    batch[0, :5000], batch[1] = short, long
+    lp_batch, lens = model(batch, torch.tensor([5000, 16000]))
+    lp_alone, lens_alone = model(short[None], torch.tensor([5000]))
+    assert lens[0] == lens_alone[0]
+    assert torch.allclose(lp_batch[0, : lens[0]], lp_alone[0], atol=1e-5)
+
+
+def test_parameter_count_and_config_validation():
+    model = DeepSpeech2(ModelConfig(**SMALL))
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters()) > 100_000
+    with pytest.raises(ValueError, match="one entry per conv layer"):
+        ModelConfig(conv_channels=[8, 8], conv_kernels=[[3, 3]], conv_strides=[[1, 1]])
+
+
+def test_spec_augment_only_in_training():
+    torch.manual_seed(0)
+    model = DeepSpeech2(ModelConfig(**SMALL))
+    feats = torch.randn(2, 80, 100)
+    frames = torch.tensor([100, 60])
+    model.spec_augment.train()
+    masked = model.spec_augment(feats.clone(), frames)
+    assert (masked == 0).any() and not torch.equal(masked, feats)
+    model.spec_augment.eval()
+    assert torch.equal(model.spec_augment(feats, frames), feats)

@@ -1,0 +1,97 @@
+"""Each recipe end to end on a tiny generated corpus in the real layout, with a tiny model."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import soundfile as sf
+
+import asr
+
+from .conftest import TINY_OVERRIDES, tone_speech
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+QUICK = TINY_OVERRIDES + ["train.epochs=2"]
+
+
+def run_recipe(name: str, *args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "recipes" / name / "run.py"), "--no-progress", *map(str, args), *QUICK]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out
+
+
+def check_outputs(out_dir: Path, sets: list[str]) -> None:
+    results = json.loads((out_dir / "results.json").read_text())
+    assert sorted(results["results"]) == sorted(sets)
+    for r in results["results"].values():
+        assert 0 <= r["wer"] and 0 <= r["cer"] and r["utterances"] > 0
+    table = (out_dir / "RESULTS.md").read_text()
+    assert "| set | utterances | WER | CER |" in table and "run.py" in table
+    model = asr.load_model(out_dir / "best")
+    assert isinstance(model.transcribe(tone_speech("one"), sample_rate=16000).text, str)
+
+
+def test_fsdd_recipe(tmp_path):
+    rec = tmp_path / "fsdd" / "recordings"
+    rec.mkdir(parents=True)
+    for speaker in ("ann", "bob", "theo"):
+        for d, word in enumerate(WORDS):
+            for take in range(3):
+                sf.write(rec / f"{d}_{speaker}_{take}.wav", tone_speech(word, 8000, seed=take), 8000)
+    run_recipe("fsdd", "--data", tmp_path / "fsdd", "--out", tmp_path / "exp")
+    check_outputs(tmp_path / "exp", ["dev", "test-theo-unseen"])
+
+
+def _kaldi_split(folder: Path, texts: list[str]) -> None:
+    (folder / "audio").mkdir(parents=True)
+    with open(folder / "text", "w") as t, open(folder / "wav.scp", "w") as w, open(folder / "utt2spk", "w") as s:
+        for i, text in enumerate(texts):
+            utt = f"{folder.name}{i:04d}"
+            sf.write(folder / "audio" / f"{utt}.opus", tone_speech(text.lower(), seed=i), 16000, format="OGG", subtype="OPUS")
+            t.write(f"{utt} {text}\n")
+            w.write(f"{utt} audio/{utt}.opus\n")
+            s.write(f"{utt} spk{i % 3}\n")
+
+
+def test_speechocean762_recipe(tmp_path):
+    _kaldi_split(tmp_path / "so" / "train", ["WE CALL IT BEAR", "ONE TWO", "A CAB"] * 3)
+    _kaldi_split(tmp_path / "so" / "dev", ["ONE TWO", "BEAR"])
+    run_recipe("speechocean762", "--data", tmp_path / "so", "--out", tmp_path / "exp")
+    check_outputs(tmp_path / "exp", ["dev"])
+
+
+def test_librispeech_recipe(tmp_path):
+    root = tmp_path / "LibriSpeech"
+    for split, n in (("train-clean-100", 6), ("dev-clean", 2), ("test-clean", 2)):
+        chapter = root / split / "103" / "1240"
+        chapter.mkdir(parents=True)
+        lines = []
+        for i in range(n):
+            utt = f"103-1240-{i:04d}"
+            text = ["CHAPTER ONE", "A BAD EGG", "FACE"][i % 3]
+            sf.write(chapter / f"{utt}.flac", tone_speech(text.lower(), seed=i), 16000)
+            lines.append(f"{utt} {text}")
+        (chapter / "103-1240.trans.txt").write_text("\n".join(lines) + "\n")
+    run_recipe("librispeech", "--data", root, "--out", tmp_path / "exp", "--train-sets", "train-clean-100",
+               "--test-sets", "test-clean")
+    check_outputs(tmp_path / "exp", ["dev", "test-clean"])
+    assert len((tmp_path / "exp" / "manifests" / "train.jsonl").read_text().splitlines()) == 6
+
+
+def test_librispeech_recipe_without_data_says_where_to_get_it(tmp_path):
+    cmd = [sys.executable, str(ROOT / "recipes/librispeech/run.py"), "--data", str(tmp_path / "none"), "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode != 0 and "LibriSpeech folder not found" in out.stderr and "OpenSLR" in out.stderr
+
+
+def test_manifest_recipe(tmp_path, tone_corpus):
+    data = tmp_path / "corpus"
+    data.mkdir()
+    lines = tone_corpus.read_text().replace('"utt', f'"{tone_corpus.parent}/utt')
+    (data / "train.jsonl").write_text(lines)
+    (data / "dev.jsonl").write_text(lines)
+    run_recipe("manifest", "--data", data, "--out", tmp_path / "exp")
+    check_outputs(tmp_path / "exp", ["dev"])

@@ -1,0 +1,85 @@
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import asr
+from asr.audio import AudioError
+from asr.config import load_config
+from asr.train import Trainer
+
+from .conftest import TEXTS, TINY_OVERRIDES
+
+
+def test_tiny_model_overfits_to_zero_error(trained_tiny_model, tone_corpus):
+    model = asr.load_model(trained_tiny_model)
+    folder = tone_corpus.parent
+    results = model.transcribe([str(folder / f"utt{i}.wav") for i in range(len(TEXTS))])
+    assert [r.text for r in results] == TEXTS
+    exp = trained_tiny_model.parent
+    rows = list(csv.DictReader(open(exp / "eval_log.csv")))
+    assert float(rows[-1]["dev_wer"]) == 0.0 and float(rows[0]["dev_wer"]) > 0.5
+    assert (exp / "train_log.csv").exists() and any((exp / "tensorboard").iterdir())
+    assert json.loads((exp / "best" / "model.json").read_text())["metadata"]["best_dev_wer"] == 0.0
+
+
+class Crash(Exception):
+    pass
+
+
+def _run(corpus, out, crash_at=None, **kw):
+    overrides = TINY_OVERRIDES + ["train.epochs=4", "data.max_batch_seconds=3", "train.checkpoint_every_steps=3",
+                                  "train.eval_every_steps=100", "model.dropout=0.2", "model.features.time_masks=1"]
+    config = load_config(None, overrides + [f"{k}={v}" for k, v in kw.items()])
+
+    def on_step(step):
+        if crash_at is not None and step == crash_at:
+            raise Crash()
+    return Trainer(config, corpus, corpus, out, progress=False, on_step=on_step)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tone_corpus, tmp_path):
+    straight = _run(tone_corpus, tmp_path / "straight")
+    straight.fit()
+    steps = straight.step
+    assert steps > 8
+    crashed = _run(tone_corpus, tmp_path / "crashed", crash_at=8)  # last checkpoint: step 6, mid-epoch
+    with pytest.raises(Crash):
+        crashed.fit()
+    resumed = _run(tone_corpus, tmp_path / "crashed")
+    resumed.fit()
+    assert resumed.step == steps
+    a = load_file(str(straight.latest_checkpoint() / "model.safetensors"))
+    b = load_file(str(resumed.latest_checkpoint() / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert (tmp_path / "crashed" / "best" / "model.safetensors").exists()
+    assert len(list((tmp_path / "crashed" / "checkpoints").iterdir())) == 2  # keep_checkpoints
+
+
+def test_global_normalisation_statistics_are_stored(tone_corpus, tmp_path):
+    trainer = _run(tone_corpus, tmp_path / "g", **{"model.features.normalization": "global", "train.max_steps": 2})
+    trainer.fit()
+    meta = json.loads((tmp_path / "g" / "best" / "model.json").read_text())
+    mean = torch.tensor(meta["normalization"]["mean"])
+    assert mean.shape == (40,) and mean.abs().sum() > 0 and min(meta["normalization"]["std"]) > 0
+
+
+def test_bad_audio_in_training_manifest_names_the_file(tone_corpus, tmp_path):
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF....WAVEfmt garbage")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(tone_corpus.read_text().replace("utt1.wav", str(bad)).replace('"utt', f'"{tone_corpus.parent}/utt'))
+    with pytest.raises(AudioError, match=r"broken\.wav"):
+        _run(manifest, tmp_path / "out").fit()
+
+
+def test_restart_discards_the_old_run(tone_corpus, tmp_path):
+    _run(tone_corpus, tmp_path / "r", **{"train.max_steps": 6}).fit()
+    again = _run(tone_corpus, tmp_path / "r", **{"train.max_steps": 3})
+    again.fit(resume=False)
+    assert again.step == 3 and again.latest_checkpoint().name == "step-00000003"
+    assert [r["step"] for r in csv.DictReader(open(tmp_path / "r" / "eval_log.csv"))] == ["3"]
