@@ -24,6 +24,7 @@ class DataConfig:
     speed_perturb: list[float] = field(default_factory=list)  # e.g. [0.9, 1.0, 1.1]
     noise_snr_db: list[float] = field(default_factory=list)  # [min, max], e.g. [10, 40]
     noise_prob: float = 0.5  # share of utterances that get noise when noise_snr_db is set
+    noise_exponent: list[float] = field(default_factory=lambda: [-2.0, 1.0])  # colour: power ~ f**x, x in range
     num_workers: int = 2
 
 

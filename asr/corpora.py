@@ -33,11 +33,11 @@ def _with_durations(items: list[tuple[str, Path, str]]) -> list[Utterance]:
 
 
 def prepare_fsdd(data_dir: str | Path, out_dir: str | Path, test_speaker: str = "theo",
-                 dev_takes: int = 5) -> dict[str, Path]:
+                 dev_takes: int | None = None) -> dict[str, Path]:
     """Free Spoken Digit Dataset -> train/dev/test manifests.
 
-    test: every recording of `test_speaker` (unseen in training). dev: the last `dev_takes` takes of
-    each digit of the other speakers (for model selection). train: the rest.
+    test: every recording of `test_speaker` (unseen in training). dev: the last `dev_takes` takes
+    (default: a tenth) of each digit of the other speakers, for model selection. train: the rest.
     """
     root = Path(data_dir)
     rec = root / "recordings" if (root / "recordings").is_dir() else root
@@ -49,6 +49,9 @@ def prepare_fsdd(data_dir: str | Path, out_dir: str | Path, test_speaker: str = 
     if test_speaker not in speakers:
         raise CorpusError(f"{rec}: test speaker {test_speaker!r} not among {speakers}")
     takes = max(int(_FSDD_NAME.match(p.stem).group(3)) for p in files) + 1
+    dev_takes = max(1, takes // 10) if dev_takes is None else dev_takes
+    if not 0 < dev_takes < takes:
+        raise CorpusError(f"{rec}: cannot hold out {dev_takes} of {takes} takes per digit for dev")
     splits: dict[str, list] = {"train": [], "dev": [], "test": []}
     for p in files:
         digit, speaker, take = _FSDD_NAME.match(p.stem).groups()

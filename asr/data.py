@@ -103,11 +103,25 @@ def filter_by_duration(utterances: list[Utterance], max_duration: float | None,
     return kept
 
 
+def _uniform(low: float, high: float) -> float:
+    """A draw from torch's RNG (seeded per loader worker, restored on resume)."""
+    return low + (high - low) * float(torch.rand(()))
+
+
+def coloured_noise(samples: int, exponent: float) -> torch.Tensor:
+    """Unit-variance noise whose power goes as f**exponent: -2 brown, -1 pink, 0 white, 1 blue."""
+    spectrum = torch.fft.rfft(torch.randn(samples))
+    freqs = torch.arange(1, len(spectrum) + 1, dtype=torch.float32)
+    noise = torch.fft.irfft(spectrum * freqs ** (exponent / 2), n=samples)
+    return noise / noise.std().clamp_min(1e-8)
+
+
 class SpeechDataset(Dataset):
-    """Returns (waveform, token ids, id), with optional speed perturbation and white noise at a random SNR."""
+    """Returns (waveform, token ids, id), with optional speed perturbation and coloured noise at a random SNR."""
 
     def __init__(self, utterances: list[Utterance], vocab: Vocabulary,
-                 speed_perturb: Sequence[float] = (), noise_snr_db: Sequence[float] = (), noise_prob: float = 0.0):
+                 speed_perturb: Sequence[float] = (), noise_snr_db: Sequence[float] = (), noise_prob: float = 0.0,
+                 noise_exponent: Sequence[float] = (-2.0, 1.0)):
         self.utterances = utterances
         self.vocab = vocab
         self.speed_perturb = list(speed_perturb)
@@ -115,6 +129,9 @@ class SpeechDataset(Dataset):
             raise ValueError("noise_snr_db is a [min, max] range in dB")
         self.noise_snr_db = list(noise_snr_db)
         self.noise_prob = noise_prob
+        if len(noise_exponent) != 2:
+            raise ValueError("noise_exponent is a [min, max] range (-2 brown ... 0 white ... 1 blue)")
+        self.noise_exponent = list(noise_exponent)
 
     def __len__(self) -> int:
         return len(self.utterances)
@@ -128,9 +145,9 @@ class SpeechDataset(Dataset):
             if factor != 1.0:  # resampling to rate/factor then playing at rate speeds up by factor
                 wave = AF.resample(wave, int(SAMPLE_RATE * factor), SAMPLE_RATE)
         if self.noise_snr_db and float(torch.rand(())) < self.noise_prob:
-            low, high = self.noise_snr_db
-            snr = low + (high - low) * torch.rand(1)
-            wave = AF.add_noise(wave[None], torch.randn(1, len(wave)), snr)[0]
+            snr = _uniform(*self.noise_snr_db)
+            noise = coloured_noise(len(wave), _uniform(*self.noise_exponent))
+            wave = AF.add_noise(wave[None], noise[None], torch.tensor([snr]))[0]
         return wave, torch.tensor(self.vocab.encode(utt.text), dtype=torch.long), utt.id
 
 
@@ -203,12 +220,18 @@ class BucketBatchSampler(Sampler[list[int]]):
         if not self.shuffle or (self.sortagrad and epoch == 0):
             batches = self._pack(by_length)
         else:
-            size = max(math.ceil(len(by_length) / self.num_buckets), self.max_batch_size)  # a bucket fills a batch
             batches = []
-            for start in range(0, len(by_length), size):  # similar lengths, fresh company each epoch
-                bucket = by_length[start:start + size]
+            target, start = math.ceil(len(by_length) / self.num_buckets), 0
+            while start < len(by_length):  # similar lengths, fresh company each epoch
+                end = min(len(by_length), start + target)
+                # a bucket holds at least one full batch of its longest utterance
+                longest = self.durations[by_length[end - 1]]
+                capacity = min(self.max_batch_size, max(1, int(self.max_batch_seconds // longest)))
+                end = min(len(by_length), max(end, start + capacity))
+                bucket = by_length[start:end]
                 rng.shuffle(bucket)
                 batches.extend(self._pack(bucket))
+                start = end
             rng.shuffle(batches)
         if self.num_replicas > 1:
             per_rank = len(batches) // self.num_replicas

@@ -52,13 +52,14 @@ def run_experiment(args: argparse.Namespace, train: Path, dev: Path, tests: dict
     results = {
         "command": command, "config": args.config, "overrides": args.overrides,
         "parameters": model.model.num_parameters(), "steps": result.steps,
-        "train_minutes": round(train_minutes, 1), "machine": machine_description(trainer.device),
+        "train_minutes": round(train_minutes, 1), "total_minutes": round((time.perf_counter() - start) / 60, 1),
+        "machine": machine_description(trainer.device),
         "results": {k: {m: v[m] for m in ("utterances", "wer", "cer", "real_time_factor")} for k, v in rows.items()},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     lines = [f"Command: `{command}`", "",
-             f"{results['parameters'] / 1e6:.2f} M parameters, {result.steps} steps, "
-             f"{results['train_minutes']} min of training on {results['machine']}.", "",
+             f"{results['parameters'] / 1e6:.2f} M parameters, {result.steps} steps; {results['train_minutes']} min "
+             f"of training, {results['total_minutes']} min with scoring, on {results['machine']}.", "",
              "| set | utterances | WER | CER |", "|---|---|---|---|"]
     for name, r in results["results"].items():
         lines.append(f"| {name} | {r['utterances']} | {r['wer']:.2%} | {r['cer']:.2%} |")

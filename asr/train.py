@@ -156,7 +156,8 @@ class Trainer:
         log.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
 
     def _metadata(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "best_dev_wer": self.best_wer,
+        best = self.best_wer if math.isfinite(self.best_wer) else None  # JSON has no infinity
+        return {"step": self.step, "epoch": self.epoch, "best_dev_wer": best,
                 "experiment": config_to_dict(self.config)}
 
     # ---------------------------------------------------------------- logging
@@ -216,7 +217,7 @@ class Trainer:
               f"about {self.total_steps} steps", flush=True)
         writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step or None)
         dataset = SpeechDataset(self.train_utts, self.vocab, cfg.data.speed_perturb, cfg.data.noise_snr_db,
-                                cfg.data.noise_prob)
+                                cfg.data.noise_prob, cfg.data.noise_exponent)
         eval_every = cfg.train.eval_every_steps
         ckpt_every = cfg.train.checkpoint_every_steps
         max_steps = cfg.train.max_steps

@@ -33,13 +33,13 @@ def tone_speech(text: str, sample_rate: int = 16_000, seed: int = 0) -> np.ndarr
     return (wave + 0.003 * rng.standard_normal(len(wave))).astype(np.float32)
 
 
-def write_tone_corpus(folder: Path, texts: list[str] = TEXTS) -> Path:
-    """Tone-speech wav files and a JSONL manifest over them; returns the manifest."""
+def write_tone_corpus(folder: Path, texts: list[str] = TEXTS, name: str = "manifest.jsonl", seed: int = 0) -> Path:
+    """Tone-speech wav files (utt{i}.wav) and a JSONL manifest over them; returns the manifest."""
     folder.mkdir(parents=True, exist_ok=True)
-    manifest = folder / "manifest.jsonl"
+    manifest = folder / name
     with open(manifest, "w") as f:
         for i, text in enumerate(texts):
-            wave = tone_speech(text, seed=i)
+            wave = tone_speech(text, seed=seed + i)
             path = folder / f"utt{i}.wav"
             sf.write(path, wave, 16_000)
             f.write(json.dumps({"audio_filepath": path.name, "duration": len(wave) / 16_000, "text": text}) + "\n")
@@ -67,7 +67,13 @@ def trained_tiny_model(tone_corpus, tmp_path_factory) -> Path:
     from asr.train import Trainer
 
     out = tmp_path_factory.mktemp("tiny_exp")
-    config = load_config(None, TINY_OVERRIDES + ["train.epochs=120", "train.eval_every_steps=5"])
-    result = Trainer(config, tone_corpus, tone_corpus, out, progress=False).fit()
+    # the tone corpus plus other noise realisations of the same texts, and noise augmentation:
+    # the model must learn the tones, not memorise six waveforms
+    more = write_tone_corpus(tmp_path_factory.mktemp("tones_more"), seed=100)
+    train = tone_corpus.parent / "train.jsonl"
+    train.write_text(tone_corpus.read_text() + more.read_text().replace('"utt', f'"{more.parent}/utt'))
+    config = load_config(None, TINY_OVERRIDES + ["train.epochs=100", "train.eval_every_steps=10",
+                                                 "data.noise_snr_db=[15,40]", "data.noise_prob=0.7"])
+    result = Trainer(config, train, tone_corpus, out, progress=False).fit()
     assert result.best_wer == 0.0, f"tiny model did not overfit (best WER {result.best_wer})"
     return result.best_dir

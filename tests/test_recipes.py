@@ -43,6 +43,10 @@ def test_fsdd_recipe(tmp_path):
                 sf.write(rec / f"{d}_{speaker}_{take}.wav", tone_speech(word, 8000, seed=take), 8000)
     run_recipe("fsdd", "--data", tmp_path / "fsdd", "--out", tmp_path / "exp")
     check_outputs(tmp_path / "exp", ["dev", "test-theo-unseen"])
+    _kaldi_split(tmp_path / "extra", ["ONE TWO", "A CAB", "SEVEN"])
+    out = run_recipe("fsdd", "--data", tmp_path / "fsdd", "--out", tmp_path / "exp2", "--extra-kaldi", tmp_path / "extra")
+    assert "2 utterances with digit words added" in out.stdout
+    assert len((tmp_path / "exp2" / "manifests" / "train_with_extra.jsonl").read_text().splitlines()) == 40 + 2
 
 
 def _kaldi_split(folder: Path, texts: list[str]) -> None:

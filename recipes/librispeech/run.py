@@ -18,10 +18,13 @@ HERE = Path(__file__).resolve().parent
 
 def main() -> None:
     parser = recipe_arguments(__doc__, "LIBRISPEECH_DIR", "LibriSpeech", HERE / "ds2.yaml")
-    parser.add_argument("--train-sets", nargs="+", default=["train-clean-100", "train-clean-360", "train-other-500"])
-    parser.add_argument("--dev-set", default="dev-clean")
-    parser.add_argument("--test-sets", nargs="*", default=["test-clean", "test-other"])
+    parser.add_argument("--train-sets", default="train-clean-100,train-clean-360,train-other-500",
+                        help="comma-separated training splits")
+    parser.add_argument("--dev-set", default="dev-clean", help="split that picks the best checkpoint")
+    parser.add_argument("--test-sets", default="test-clean,test-other", help="comma-separated test splits")
     args = parser.parse_args()
+    args.train_sets = [s for s in args.train_sets.split(",") if s]
+    args.test_sets = [s for s in args.test_sets.split(",") if s]
     root, manifests = Path(args.data), Path(args.out) / "manifests"
     if not root.is_dir():
         raise SystemExit(f"{root}: LibriSpeech folder not found. Download and unpack it (OpenSLR resource 12), "
