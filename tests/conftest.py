@@ -46,6 +46,11 @@ def write_tone_corpus(folder: Path, texts: list[str] = TEXTS, name: str = "manif
     return manifest
 
 
+def manifest_text_with_absolute_paths(manifest: Path) -> str:
+    """A tone-corpus manifest's lines with its audio paths made absolute (to combine or move manifests)."""
+    return manifest.read_text().replace('"utt', f'"{manifest.parent}/utt')
+
+
 @pytest.fixture(scope="session")
 def tone_corpus(tmp_path_factory) -> Path:
     return write_tone_corpus(tmp_path_factory.mktemp("tones"))
@@ -71,7 +76,7 @@ def trained_tiny_model(tone_corpus, tmp_path_factory) -> Path:
     # the model must learn the tones, not memorise six waveforms
     more = write_tone_corpus(tmp_path_factory.mktemp("tones_more"), seed=100)
     train = tone_corpus.parent / "train.jsonl"
-    train.write_text(tone_corpus.read_text() + more.read_text().replace('"utt', f'"{more.parent}/utt'))
+    train.write_text(tone_corpus.read_text() + manifest_text_with_absolute_paths(more))
     config = load_config(None, TINY_OVERRIDES + ["train.epochs=100", "train.eval_every_steps=10",
                                                  "data.noise_snr_db=[15,40]", "data.noise_prob=0.7"])
     result = Trainer(config, train, tone_corpus, out, progress=False).fit()

@@ -9,7 +9,7 @@ import soundfile as sf
 
 import asr
 
-from .conftest import TINY_OVERRIDES, tone_speech
+from .conftest import TINY_OVERRIDES, manifest_text_with_absolute_paths, tone_speech
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -94,7 +94,7 @@ def test_librispeech_recipe_without_data_says_where_to_get_it(tmp_path):
 def test_manifest_recipe(tmp_path, tone_corpus):
     data = tmp_path / "corpus"
     data.mkdir()
-    lines = tone_corpus.read_text().replace('"utt', f'"{tone_corpus.parent}/utt')
+    lines = manifest_text_with_absolute_paths(tone_corpus)
     (data / "train.jsonl").write_text(lines)
     (data / "dev.jsonl").write_text(lines)
     run_recipe("manifest", "--data", data, "--out", tmp_path / "exp")

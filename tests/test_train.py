@@ -11,7 +11,7 @@ from asr.checkpoint import load_trainer_state
 from asr.config import load_config
 from asr.train import Trainer
 
-from .conftest import TEXTS, TINY_OVERRIDES
+from .conftest import TEXTS, TINY_OVERRIDES, manifest_text_with_absolute_paths
 
 
 def test_tiny_model_overfits_to_zero_error(trained_tiny_model, tone_corpus):
@@ -75,7 +75,7 @@ def test_bad_audio_in_training_manifest_names_the_file(tone_corpus, tmp_path):
     bad = tmp_path / "broken.wav"
     bad.write_bytes(b"RIFF....WAVEfmt garbage")
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text(tone_corpus.read_text().replace("utt1.wav", str(bad)).replace('"utt', f'"{tone_corpus.parent}/utt'))
+    manifest.write_text(manifest_text_with_absolute_paths(tone_corpus).replace(f"{tone_corpus.parent}/utt1.wav", str(bad)))
     with pytest.raises(AudioError, match=r"broken\.wav"):
         _run(manifest, tmp_path / "out").fit()
 
