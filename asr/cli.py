@@ -15,6 +15,21 @@ from .corpora import CorpusError
 from .data import ManifestError
 
 FORMATS = ("txt", "json", "srt", "vtt")
+TRAIN_LAUNCHES = """Train from manifests; resumes from OUT/checkpoints if present.
+
+launches:
+  one GPU (or the CPU):
+    asr train --config C.yaml --train T.jsonl --dev D.jsonl --out exp/x
+  all GPUs of one machine (data parallel, one process per GPU):
+    torchrun --standalone --nproc_per_node=gpu -m asr.cli train --config C.yaml ...
+  several machines (run on each; OUT must be a folder every machine sees):
+    torchrun --nnodes=2 --node_rank=0|1 --nproc_per_node=gpu \\
+             --rdzv_backend=c10d --rdzv_endpoint=HOST0:29500 -m asr.cli train ...
+
+Each process trains on its own share of every step's batches, so the global batch is
+data.max_batch_seconds x processes x train.grad_accumulation; scale train.lr with it.
+Rank 0 evaluates, logs and writes checkpoints. A run may resume with a different number of
+processes; then the rest of the epoch in progress may repeat or skip a few batches."""
 
 
 def _timestamp(seconds: float, sep: str) -> str:
@@ -62,12 +77,17 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
+    from .distributed import destroy
     from .train import Trainer
 
     config = load_config(args.config, args.overrides)
     trainer = Trainer(config, args.train, args.dev, args.out, progress=not args.no_progress)
-    result = trainer.fit(resume=not args.restart)
-    print(f"best dev WER {result.best_wer:.2%}; model in {result.best_dir}")
+    try:
+        result = trainer.fit(resume=not args.restart)
+    finally:
+        destroy(trainer.dist)
+    if trainer.dist.is_main:
+        print(f"best dev WER {result.best_wer:.2%}; model in {result.best_dir}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -116,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-speaker", default="theo", help="fsdd: speaker held out for testing")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train a model",
-                       description="Train from manifests; resumes from OUT/checkpoints if present.")
+    p = sub.add_parser("train", help="train a model", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=TRAIN_LAUNCHES)
     p.add_argument("--config", help="YAML file with model/data/train sections")
     p.add_argument("--train", required=True, help="training manifest (.jsonl or .csv)")
     p.add_argument("--dev", required=True, help="dev manifest for evaluation and best-model selection")
@@ -127,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.lr=5e-4 model.gru_hidden=256")
     p.set_defaults(func=cmd_train)
+
+    sub.add_parser("demo", help="the web demo (Gradio) on http://127.0.0.1:7860; asr demo --help for its options")
 
     p = sub.add_parser("evaluate", help="score a model on a manifest (WER/CER)",
                        description="Writes OUT/hypotheses.jsonl and OUT/summary.json.")
@@ -148,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:  # the demo has its own options (asr demo --help)
+        from .demo import main as demo_main
+        return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

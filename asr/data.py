@@ -172,15 +172,19 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     Deterministic for a (seed, epoch). With SortaGrad the first epoch runs shortest-first;
     later epochs shuffle within length buckets and shuffle the batch order. Batches are sharded
-    across `num_replicas` ranks (each gets the same number). `start_batch` skips batches already
-    done in the epoch (resuming).
+    across `num_replicas` ranks: rank r takes batches r, r + num_replicas, ... of the one global
+    order, and every rank gets the same number, a multiple of `group_size` (the batches that one
+    optimiser step accumulates). `start_batch` skips batches already done in the epoch (resuming).
     """
 
     def __init__(self, durations: Sequence[float], max_batch_seconds: float, max_batch_size: int = 256,
                  num_buckets: int = 20, shuffle: bool = True, sortagrad: bool = True, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0):
+                 num_replicas: int = 1, rank: int = 0, group_size: int = 1):
         if max_batch_seconds <= 0:
             raise ValueError("max_batch_seconds must be positive")
+        if not 0 <= rank < num_replicas or group_size < 1:
+            raise ValueError(f"need 0 <= rank < num_replicas and group_size >= 1 (rank {rank}, "
+                             f"num_replicas {num_replicas}, group_size {group_size})")
         self.durations = list(durations)
         self.max_batch_seconds = max_batch_seconds
         self.max_batch_size = max_batch_size
@@ -190,6 +194,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
+        self.group_size = group_size
         self.epoch = 0
         self.start_batch = 0
 
@@ -233,12 +238,11 @@ class BucketBatchSampler(Sampler[list[int]]):
                 batches.extend(self._pack(bucket))
                 start = end
             rng.shuffle(batches)
-        if self.num_replicas > 1:
-            per_rank = len(batches) // self.num_replicas
-            if per_rank == 0:
-                raise ValueError("fewer batches than ranks: lower max_batch_seconds")
-            batches = batches[self.rank: per_rank * self.num_replicas: self.num_replicas]
-        return batches
+        per_rank = len(batches) // self.num_replicas // self.group_size * self.group_size
+        if per_rank == 0 and batches:
+            raise ValueError(f"{len(batches)} batches cannot give each of {self.num_replicas} rank(s) "
+                             f"{self.group_size} batch(es): lower max_batch_seconds")
+        return batches[self.rank: per_rank * self.num_replicas: self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self.batches()[self.start_batch:]

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import load_config
+from .distributed import destroy
 from .evaluate import evaluate_manifest
 from .train import Trainer
 from .transcribe import load_model
@@ -42,7 +43,12 @@ def run_experiment(args: argparse.Namespace, train: Path, dev: Path, tests: dict
     config = load_config(args.config, args.overrides)
     start = time.perf_counter()
     trainer = Trainer(config, train, dev, out, progress=not args.no_progress)
-    result = trainer.fit(resume=not args.restart)
+    try:
+        result = trainer.fit(resume=not args.restart)
+    finally:
+        destroy(trainer.dist)
+    if not trainer.dist.is_main:  # under torchrun, rank 0 scores the test sets alone
+        return {}
     train_minutes = (time.perf_counter() - start) / 60
     model = load_model(result.best_dir, device=str(trainer.device))
     rows = {}

@@ -1,4 +1,8 @@
-"""Training loop: CTC loss, AdamW with warm-up and cosine decay, logs, dev evaluation, resumable checkpoints."""
+"""Training loop: CTC loss, AdamW with warm-up and cosine decay, logs, dev evaluation, resumable checkpoints.
+
+Runs as one process, or as several under torchrun (DistributedDataParallel): each rank takes its
+share of every global step's batches, rank 0 evaluates, logs and writes checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,14 @@ import math
 import random
 import re
 import shutil
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -23,6 +29,7 @@ from .checkpoint import load_model_files, load_trainer_state, recover_dir, save_
 from .config import ExperimentConfig, config_to_dict
 from .data import BucketBatchSampler, SpeechDataset, Utterance, collate, filter_by_duration, read_manifest
 from .device import autocast, autocast_dtype, resolve_device
+from .distributed import all_gather_objects, all_reduce_sum, barrier, init_distributed
 from .evaluate import decode_utterances
 from .metrics import error_rates
 from .model import DeepSpeech2
@@ -80,7 +87,10 @@ class Trainer:
         self.vocab = vocab or Vocabulary()
         self.progress = progress
         self.on_step = on_step  # called after every optimiser step (tests use it to simulate a crash)
-        self.device = resolve_device(config.train.device)
+        self.dist, self.device = init_distributed(resolve_device(config.train.device))
+        self.progress = progress and self.dist.is_main
+        if config.train.grad_accumulation < 1:
+            raise ValueError("train.grad_accumulation must be at least 1")
         self.amp_dtype = autocast_dtype(config.train.precision, self.device)
         data = config.data
         self.train_utts = filter_by_duration(read_manifest(train_manifest), data.max_duration)
@@ -90,9 +100,16 @@ class Trainer:
         config.model.vocab_size = len(self.vocab)
         torch.manual_seed(config.train.seed)
         self.model = DeepSpeech2(config.model).to(self.device)
+        if config.train.compile:  # in place: parameter names, and so checkpoints, stay the same
+            self.model.conv.compile(dynamic=True)
+        if self.dist.rank:  # same initial weights everywhere, but each rank its own augmentation draws
+            torch.manual_seed(config.train.seed + 7919 * self.dist.rank)
+        self.ddp: DistributedDataParallel | None = None  # wraps self.model once the weights are final (fit)
         self.sampler = BucketBatchSampler([u.duration for u in self.train_utts], data.max_batch_seconds,
                                           data.max_batch_size, data.num_buckets, shuffle=True,
-                                          sortagrad=data.sortagrad, seed=config.train.seed)
+                                          sortagrad=data.sortagrad, seed=config.train.seed,
+                                          num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                          group_size=config.train.grad_accumulation)
         total = sum(self._epoch_steps(e) for e in range(min(2, config.train.epochs)))
         total += max(0, config.train.epochs - 2) * self._epoch_steps(1)
         self.total_steps = min(total, config.train.max_steps) if config.train.max_steps else total
@@ -107,7 +124,7 @@ class Trainer:
         self.best_wer = math.inf
 
     def _epoch_steps(self, epoch: int) -> int:
-        return len(self.sampler.batches(epoch))
+        return len(self.sampler.batches(epoch)) // self.config.train.grad_accumulation
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -121,22 +138,31 @@ class Trainer:
                  if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
         return max(steps)[1] if steps else None
 
-    def _trainer_state(self) -> dict:
-        return {
-            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "best_wer": self.best_wer,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-            "python_rng": random.getstate(),
-        }
+    def _rng_state(self) -> dict:
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                "python": random.getstate()}
+
+    def _set_rng_state(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+        random.setstate(state["python"])
 
     def save_checkpoint(self) -> Path:
+        """Every rank calls this (their RNG states are gathered); rank 0 writes."""
         path = self.checkpoint_root / f"step-{self.step:08d}"
-        save_model(path, self.model, self.vocab, self._metadata(), trainer_state=self._trainer_state())
-        steps = sorted(p for p in self.checkpoint_root.iterdir() if _STEP_DIR.match(p.name))
-        for old in steps[: -self.config.train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        rng = all_gather_objects(self.dist, self._rng_state())
+        if self.dist.is_main:
+            state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                     "best_wer": self.best_wer, "world_size": self.dist.world_size,
+                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "rng": rng}
+            save_model(path, self.model, self.vocab, self._metadata(), trainer_state=state)
+            steps = sorted(p for p in self.checkpoint_root.iterdir() if _STEP_DIR.match(p.name))
+            for old in steps[: -self.config.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier(self.dist)
         return path
 
     def resume(self, path: Path) -> None:
@@ -149,10 +175,11 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch, self.best_wer = state["batch_in_epoch"], state["best_wer"]
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        random.setstate(state["python_rng"])
+        if state["world_size"] != self.dist.world_size:
+            log.warning("%s was written by %d process(es), this run has %d: the batch order of the epoch "
+                        "in progress changes", path, state["world_size"], self.dist.world_size)
+        if self.dist.rank < len(state["rng"]):
+            self._set_rng_state(state["rng"][self.dist.rank])
         log.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
 
     def _metadata(self) -> dict:
@@ -180,6 +207,10 @@ class Trainer:
                 "dev_wer": round(rates.wer, 5), "dev_cer": round(rates.cer, 5)}
 
     def _evaluate_and_checkpoint(self, writer) -> None:
+        """Rank 0 scores dev and keeps the best model; then every rank joins the checkpoint."""
+        if not self.dist.is_main:
+            self.save_checkpoint()
+            return
         result = self.evaluate()
         self._log_row("eval_log.csv", result)
         for k in ("dev_loss", "dev_wer", "dev_cer"):
@@ -198,52 +229,64 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
 
         cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        recover_dir(self.out / "best")
-        (self.out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-        if not resume:  # a fresh run: earlier checkpoints and logs would mix with this one's
-            for name in ("checkpoints", "tensorboard"):
-                shutil.rmtree(self.out / name, ignore_errors=True)
-            for name in ("train_log.csv", "eval_log.csv"):
-                (self.out / name).unlink(missing_ok=True)
+        main = self.dist.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            recover_dir(self.out / "best")
+            (self.out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+            if not resume:  # a fresh run: earlier checkpoints and logs would mix with this one's
+                for name in ("checkpoints", "tensorboard"):
+                    shutil.rmtree(self.out / name, ignore_errors=True)
+                for name in ("train_log.csv", "eval_log.csv"):
+                    (self.out / name).unlink(missing_ok=True)
+        barrier(self.dist)  # out_dir is shared: every rank resumes from what rank 0 left there
         latest = self.latest_checkpoint()
         if latest is not None:
             self.resume(latest)
         elif cfg.model.features.normalization == "global":
             compute_global_stats(self.model, self.train_utts, seed=cfg.train.seed, progress=self.progress)
+        if self.dist.enabled:
+            self.ddp = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
+                                               else None)
         n_params = self.model.num_parameters()
-        print(f"model: {n_params / 1e6:.2f} M parameters, device {self.device}, "
-              f"{len(self.train_utts)} training utterances ({sum(u.duration for u in self.train_utts) / 3600:.2f} h), "
-              f"about {self.total_steps} steps", flush=True)
-        writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step or None)
+        if main:
+            print(f"model: {n_params / 1e6:.2f} M parameters, device {self.device} x {self.dist.world_size} "
+                  f"process(es), {len(self.train_utts)} training utterances "
+                  f"({sum(u.duration for u in self.train_utts) / 3600:.2f} h), about {self.total_steps} steps",
+                  flush=True)
+        writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step or None) if main else None
         dataset = SpeechDataset(self.train_utts, self.vocab, cfg.data.speed_perturb, cfg.data.noise_snr_db,
                                 cfg.data.noise_prob, cfg.data.noise_exponent)
+        accumulate = cfg.train.grad_accumulation
         eval_every = cfg.train.eval_every_steps
         ckpt_every = cfg.train.checkpoint_every_steps
         max_steps = cfg.train.max_steps
         done = bool(max_steps) and self.step >= max_steps
         while self.epoch < cfg.train.epochs and not done:
             epoch_steps = self._epoch_steps(self.epoch)
-            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+            self.sampler.set_epoch(self.epoch, self.batch_in_epoch * accumulate)
             loader = DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collate,
                                 num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
                                 # its own generator: creating a loader mid-epoch (resuming) must not
                                 # draw from the global RNG that the checkpoint restored
-                                generator=torch.Generator().manual_seed(cfg.train.seed * 100_003 + self.epoch))
+                                generator=torch.Generator().manual_seed(
+                                    cfg.train.seed * 100_003 + self.epoch + 1_000_003 * self.dist.rank))
             self.model.train()
-            bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", disable=not self.progress,
-                       total=epoch_steps, initial=self.batch_in_epoch, dynamic_ncols=True)
+            bar = tqdm(total=epoch_steps, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
+                       disable=not self.progress, dynamic_ncols=True)
             tick = time.perf_counter()
-            for batch in bar:
-                metrics = self._train_step(batch)
+            batches = iter(loader)
+            while self.batch_in_epoch < epoch_steps:
+                metrics = self.train_step([next(batches) for _ in range(accumulate)])
                 self.step += 1
                 self.batch_in_epoch += 1
                 now = time.perf_counter()
-                metrics["audio_sec_per_sec"] = round(float(batch["wave_lengths"].sum()) / SAMPLE_RATE / (now - tick), 1)
+                metrics["audio_sec_per_sec"] = round(metrics.pop("audio_seconds") / (now - tick), 1)
                 tick = now
+                bar.update()
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
                                 speed=f"{metrics['audio_sec_per_sec']:.0f}x")
-                if self.step % cfg.train.log_every_steps == 0 or self.step == 1:
+                if main and (self.step % cfg.train.log_every_steps == 0 or self.step == 1):
                     self._log_row("train_log.csv", {"step": self.step, "epoch": self.epoch, **metrics})
                     for k, v in metrics.items():
                         writer.add_scalar(f"train/{k}", v, self.step)
@@ -258,31 +301,54 @@ class Trainer:
                 if done:
                     break
             bar.close()
+            del batches  # shuts the loader's workers down
             if done:
                 break
             self.epoch += 1
             self.batch_in_epoch = 0
             if not eval_every and self.epoch < cfg.train.epochs:
                 self._evaluate_and_checkpoint(writer)
-        writer.close()
+        if writer is not None:
+            writer.close()
+        barrier(self.dist)
         return TrainResult(self.best_wer, self.out / "best", self.step)
 
-    def _train_step(self, batch: dict) -> dict:
-        waves = batch["waves"].to(self.device, non_blocking=True)
-        lengths = batch["wave_lengths"].to(self.device, non_blocking=True)
-        with autocast(self.device, self.amp_dtype):
-            log_probs, out_lengths = self.model(waves, lengths)
-        loss = torch.nn.functional.ctc_loss(
-            log_probs.transpose(0, 1), batch["targets"].to(self.device), out_lengths,
-            batch["target_lengths"].to(self.device), blank=self.vocab.blank, reduction="sum",
-            zero_infinity=True) / waves.shape[0]
+    def train_step(self, batches: list[dict]) -> dict:
+        """One optimiser step over this rank's `batches` (gradient accumulation) and the other ranks' batches.
+
+        The loss is the CTC loss summed over every utterance of the global step, divided by their
+        number, whatever the split across ranks and micro-batches: one process accumulating N
+        batches takes the same step as N processes with one batch each.
+        """
+        counts = torch.tensor([sum(len(b["ids"]) for b in batches),
+                               sum(int(b["wave_lengths"].sum()) for b in batches)], dtype=torch.float64,
+                              device=self.device)
+        utterances, samples = all_reduce_sum(self.dist, counts).tolist()
+        scale = self.dist.world_size / utterances  # DDP averages gradients over ranks
+        model = self.ddp or self.model
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(batches):
+            sync = self.ddp is None or i == len(batches) - 1  # all-reduce gradients once, after the last
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                waves = batch["waves"].to(self.device, non_blocking=True)
+                lengths = batch["wave_lengths"].to(self.device, non_blocking=True)
+                with autocast(self.device, self.amp_dtype):
+                    log_probs, out_lengths = model(waves, lengths)
+                loss = torch.nn.functional.ctc_loss(
+                    log_probs.transpose(0, 1), batch["targets"].to(self.device, non_blocking=True), out_lengths,
+                    batch["target_lengths"].to(self.device, non_blocking=True), blank=self.vocab.blank,
+                    reduction="sum", zero_infinity=True)
+                (loss * scale).backward()
+            loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
-        if torch.isfinite(grad_norm):
+        if torch.isfinite(grad_norm):  # gradients are already the same on every rank: so is this choice
             self.optimizer.step()
         else:  # one bad batch must not destroy the weights
-            log.warning("step %d: non-finite gradient, update skipped (batch %s)", self.step, batch["ids"][:4])
+            log.warning("step %d: non-finite gradient, update skipped (batches from %s)", self.step,
+                        batches[0]["ids"][:4])
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        return {"loss": round(loss.item(), 4), "grad_norm": round(float(grad_norm), 3), "lr": lr}
+        loss_value = all_reduce_sum(self.dist, loss_sum).item() / utterances
+        return {"loss": round(loss_value, 4), "grad_norm": round(float(grad_norm), 3), "lr": lr,
+                "audio_seconds": samples / SAMPLE_RATE}

@@ -106,19 +106,38 @@ class ASRModel:
         Options are the fields of TranscribeOptions (decoder, batch_size, chunk_seconds, overlap_seconds).
         """
         opts = TranscribeOptions(**options)
-        if opts.decoder != "greedy":
-            raise ValueError(f"unknown decoder {opts.decoder!r}; available: 'greedy'")
+        self._check_decoder(opts.decoder)
         single = not isinstance(audio, (list, tuple))
         items = [audio] if single else list(audio)
         waves = [load_audio(a, sample_rate) for a in items]
-        results = []
-        for wave, lp in zip(waves, self.posteriors(waves, opts)):
-            result = greedy_decode(lp[None], torch.tensor([len(lp)]), self.vocab, self.frame_seconds)[0]
-            result.duration = round(len(wave) / SAMPLE_RATE, 3)
-            for w in result.words:
-                w.end = min(w.end, result.duration)
-            results.append(result)
+        results = [self.decode(lp, len(wave) / SAMPLE_RATE, opts) for wave, lp in zip(waves, self.posteriors(waves, opts))]
         return results[0] if single else results
+
+    @property
+    def decoders(self) -> tuple[str, ...]:
+        """The decoder names this model can use."""
+        return ("greedy",)
+
+    def _check_decoder(self, name: str) -> None:
+        if name not in self.decoders:
+            raise ValueError(f"unknown decoder {name!r}; available: {', '.join(map(repr, self.decoders))}")
+
+    def decode(self, log_probs: torch.Tensor, duration: float, options: TranscribeOptions | None = None
+               ) -> Transcription:
+        """Text and words from one utterance's CTC log-probabilities (frames, vocab), as `posteriors` gives."""
+        opts = options or TranscribeOptions()
+        self._check_decoder(opts.decoder)
+        result = greedy_decode(log_probs[None], torch.tensor([len(log_probs)]), self.vocab, self.frame_seconds)[0]
+        result.duration = round(duration, 3)
+        for w in result.words:
+            w.end = min(w.end, result.duration)
+        return result
+
+    @torch.no_grad()
+    def log_mel(self, wave: torch.Tensor) -> torch.Tensor:
+        """The model's log-mel features (mels, frames) of a 16 kHz waveform, before normalisation."""
+        feats, _ = self.model.features.raw(wave[None].to(self.device), torch.tensor([len(wave)], device=self.device))
+        return feats[0].float().cpu()
 
 
 def load_model(path: str | os.PathLike | None = None, device: str = "auto") -> ASRModel:

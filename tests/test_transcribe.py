@@ -80,14 +80,14 @@ def test_long_audio_end_to_end(trained_tiny_model):
     assert times[-1] > result.duration - 3  # words found in the last window too
 
 
-def test_load_model_errors(tmp_path, monkeypatch):
+def test_load_model_errors(tmp_path, monkeypatch, trained_tiny_model):
     monkeypatch.delenv("ASR_MODEL", raising=False)
     with pytest.raises(FileNotFoundError, match="ASR_MODEL"):
         asr.load_model()
     with pytest.raises(CheckpointError, match="not found"):
         asr.load_model(tmp_path)
     with pytest.raises(ValueError, match="decoder"):
-        asr.ASRModel.transcribe(None, "x.wav", decoder="nope")
+        asr.load_model(trained_tiny_model).transcribe("x.wav", decoder="nope")
 
 
 def _cli(*args, env=None):

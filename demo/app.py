@@ -1,0 +1,6 @@
+"""The web demo: `python demo/app.py --model exp/fsdd/best` (the same as `asr demo`). See asr/demo.py."""
+
+from asr.demo import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The web demo, served for real: driven in headless Chromium (Playwright) and through gradio_client."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from .conftest import TEXTS, tone_speech
+
+gradio_client = pytest.importorskip("gradio_client", reason="the demo tests need the dev extra (gradio_client)")
+
+MAX_SECONDS = 4.0
+MAX_UPLOAD_MB = 0.5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo_url(trained_tiny_model, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("demo") / "demo.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "asr.cli", "demo", "--model", str(trained_tiny_model),
+                                 "--port", str(port), "--max-seconds", str(MAX_SECONDS),
+                                 "--max-upload-mb", str(MAX_UPLOAD_MB)], stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"the demo did not start:\n{log.read_text()}")
+                time.sleep(0.5)
+        assert "127.0.0.1" in log.read_text()  # local only unless --host says otherwise
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def audio_files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("demo-audio")
+    files = {}
+    for i, text in enumerate(TEXTS):
+        files[text] = folder / f"tones{i}.wav"
+        sf.write(files[text], tone_speech(text, seed=100 + i), 16_000)
+    (folder / "notes.wav").write_text("this is text, not audio\n")
+    sf.write(folder / "empty.wav", np.zeros(0, dtype=np.float32), 16_000)
+    sf.write(folder / "silent.wav", np.zeros(16_000, dtype=np.float32), 16_000)
+    sf.write(folder / "long.wav", np.tile(tone_speech("ace"), 12), 16_000)  # about 5.5 s
+    rng = np.random.default_rng(0)
+    sf.write(folder / "big.wav", 0.1 * rng.standard_normal(16_000 * 20).astype(np.float32), 16_000)  # 640 kB
+    for name in ("notes", "empty", "silent", "long", "big"):
+        files[name] = folder / f"{name}.wav"
+    return files
+
+
+def _transcribe(client, path: Path, model: str = ""):
+    return client.predict(gradio_client.handle_file(str(path)), "greedy", model, api_name="/transcribe")
+
+
+def test_twenty_simultaneous_api_calls_all_return_their_transcripts(demo_url, audio_files, trained_tiny_model):
+    client = gradio_client.Client(demo_url, verbose=False)
+    texts = [TEXTS[i % len(TEXTS)] for i in range(20)]
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda t: _transcribe(client, audio_files[t], str(trained_tiny_model)), texts))
+    assert [r[0] for r in results] == texts
+    text, words, spectrogram, posteriorgram, timing = results[0]
+    assert [w[0] for w in words["data"]] == texts[0].split()
+    starts_ends = [(w[1], w[2]) for w in words["data"]]
+    assert all(0 <= s < e for s, e in starts_ends) and starts_ends == sorted(starts_ends)
+    assert spectrogram and posteriorgram and "real-time factor" in timing
+
+
+@pytest.mark.parametrize("name, message", [
+    ("notes", "Cannot use notes.wav"), ("empty", "Cannot use empty.wav"), ("silent", "silent.wav is silent"),
+    ("long", f"up to {MAX_SECONDS:.0f} s"),
+])
+def test_bad_input_gets_a_clear_message_and_the_app_keeps_serving(demo_url, audio_files, trained_tiny_model,
+                                                                  name, message):
+    client = gradio_client.Client(demo_url, verbose=False)
+    with pytest.raises(gradio_client.exceptions.AppError, match=message):
+        _transcribe(client, audio_files[name], str(trained_tiny_model))
+    assert _transcribe(client, audio_files["cab"], str(trained_tiny_model))[0] == "cab"
+
+
+def test_a_missing_model_folder_is_named(demo_url, audio_files, tmp_path):
+    client = gradio_client.Client(demo_url, verbose=False)
+    with pytest.raises(gradio_client.exceptions.AppError, match="Cannot load the model in .*nowhere"):
+        _transcribe(client, audio_files["cab"], str(tmp_path / "nowhere"))
+
+
+def _chromium() -> str | None:
+    path = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+    if path is None and os.environ.get("ASR_REQUIRE_BROWSER"):
+        pytest.fail("ASR_REQUIRE_BROWSER is set but there is no chromium (apt-get install chromium)")
+    return path
+
+
+def test_browser_upload_shows_transcript_words_and_plots(demo_url, audio_files, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (dev extra)")
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("no chromium browser: apt-get install chromium (.ci/run does)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 1300})
+        page.goto(demo_url)
+        upload = page.locator("input[type=file]").first
+        upload.wait_for(state="attached", timeout=60_000)
+        upload.set_input_files(str(audio_files["dig a hole"]))
+        page.get_by_role("button", name="Transcribe").click()
+        transcript = page.locator("#transcript textarea")
+        sync_api.expect(transcript).to_have_value("dig a hole", timeout=60_000)
+        sync_api.expect(page.get_by_text("real-time factor")).to_be_visible()
+        sync_api.expect(page.get_by_role("gridcell", name="hole", exact=True)).to_be_visible()
+        assert page.locator(".js-plotly-plot, img, svg, canvas").count() > 0
+        page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+        assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+        page.reload()
+        upload = page.locator("input[type=file]").first
+        upload.wait_for(state="attached", timeout=60_000)
+        upload.set_input_files(str(audio_files["big"]))  # over --max-upload-mb: refused in the page
+        sync_api.expect(page.get_by_text("exceed the maximum allowed size")).to_be_visible(timeout=30_000)
+
+        page.reload()
+        upload = page.locator("input[type=file]").first
+        upload.wait_for(state="attached", timeout=60_000)
+        upload.set_input_files(str(audio_files["silent"]))
+        page.get_by_role("button", name="Transcribe").click()
+        sync_api.expect(page.get_by_text("silent.wav is silent")).to_be_visible(timeout=30_000)
+        browser.close()
