@@ -13,6 +13,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .corpora import CorpusError
 from .data import ManifestError
+from .lm import LMError
 
 FORMATS = ("txt", "json", "srt", "vtt")
 TRAIN_LAUNCHES = """Train from manifests; resumes from OUT/checkpoints if present.
@@ -90,23 +91,69 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"best dev WER {result.best_wer:.2%}; model in {result.best_dir}")
 
 
+def _decoder_options(args: argparse.Namespace):
+    from .transcribe import TranscribeOptions
+
+    return TranscribeOptions(decoder=args.decoder, beam_size=args.beam_size, lm_weight=args.lm_weight,
+                             word_score=args.word_score, lexicon=False if args.no_lexicon else None,
+                             hotwords=list(args.hotword or []), hotword_weight=args.hotword_weight)
+
+
+def _add_decoder_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decoder", choices=["greedy", "beam"], default="greedy")
+    p.add_argument("--lm", help="language model folder (asr lm build); default: the model folder's lm/")
+    p.add_argument("--beam-size", type=int, help="beam search: hypotheses kept (default: tuned or 50)")
+    p.add_argument("--lm-weight", type=float, help="beam search: alpha (default: the model's tuned value)")
+    p.add_argument("--word-score", type=float, help="beam search: beta (default: the model's tuned value)")
+    p.add_argument("--no-lexicon", action="store_true", help="beam search: allow any spelling, no word LM")
+    p.add_argument("--hotword", action="append", metavar="WORDS", help="beam search: boost a word or phrase "
+                   "(repeatable)")
+    p.add_argument("--hotword-weight", type=float, help="beam search: log-probability bonus of hot words (8)")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_manifest
     from .transcribe import load_model
 
-    model = load_model(args.model, device=args.device)
-    summary = evaluate_manifest(model.model, model.vocab, args.manifest, args.out)
+    model = load_model(args.model, device=args.device, lm=args.lm)
+    opts = _decoder_options(args)
+    beam = model.beam_decoder(model.beam_search_options(opts)) if opts.decoder == "beam" else None
+    summary = evaluate_manifest(model.model, model.vocab, args.manifest, args.out, beam=beam)
     print(json.dumps(summary, indent=2))
+
+
+def cmd_lm(args: argparse.Namespace) -> None:
+    from .lm import build_lm, kenlm_tools
+    from .transcribe import load_model
+    from .tune import store_decoder, tune_beam
+
+    if args.lm_command == "tools":
+        print("\n".join(map(str, kenlm_tools(args.kenlm_source, quiet=False))))
+    elif args.lm_command == "build":
+        info = build_lm(args.text, args.out, order=args.order, prune=args.prune, max_vocabulary=args.max_vocabulary,
+                        kenlm_source=args.kenlm_source)
+        print(f"{args.out}: {info.order}-gram over {info.words:,} words of {info.sentences:,} sentences, "
+              f"vocabulary {info.vocabulary:,}")
+    else:
+        model = load_model(args.model, device=args.device, lm=args.lm)
+        tuned = tune_beam(model, args.manifest, args.lm_weights, args.word_scores, args.beam_size,
+                          progress=not args.no_progress)
+        store_decoder(args.model, args.lm, tuned)
+        b = tuned["beam"]
+        print(f"{args.manifest}: greedy WER {tuned['greedy_wer']:.2%}, beam + LM WER {tuned['beam_wer']:.2%} "
+              f"(lm_weight {b['lm_weight']}, word_score {b['word_score']}, beam {b['beam_size']}); "
+              f"stored in {args.model}")
 
 
 def cmd_transcribe(args: argparse.Namespace) -> None:
     from .transcribe import load_model
 
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, lm=args.lm)
+    opts = _decoder_options(args)
     failed = 0
     for path in args.audio:
         try:
-            result = model.transcribe(path, chunk_seconds=args.chunk_seconds)
+            result = model.transcribe(path, **{**vars(opts), "chunk_seconds": args.chunk_seconds})
         except AudioError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
@@ -156,7 +203,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", help="folder for hypotheses.jsonl and summary.json")
     p.add_argument("--device", default="auto")
+    _add_decoder_arguments(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("lm", help="n-gram language models for beam search (KenLM)",
+                       description="tools: build KenLM's lmplz/build_binary once (cmake, Boost); build: text -> "
+                                   "LM folder; tune: choose lm_weight/word_score on a dev manifest and store "
+                                   "them (and the LM) in the model folder.")
+    lm_sub = p.add_subparsers(dest="lm_command", required=True)
+    q = lm_sub.add_parser("tools", help="build (or find) lmplz and build_binary")
+    q.add_argument("--kenlm-source", help="kenlm-*.tar.gz to build from (default: download from PyPI)")
+    q = lm_sub.add_parser("build", help="train a word n-gram LM on text files")
+    q.add_argument("--text", nargs="+", required=True, help="text files (.txt/.gz, a sentence a line) or .jsonl "
+                   "manifests (their text); never dev or test transcripts")
+    q.add_argument("--out", required=True, help="LM folder to write")
+    q.add_argument("--order", type=int, default=4)
+    q.add_argument("--prune", type=int, nargs="*", default=[0, 0, 1], help="lmplz count thresholds per order")
+    q.add_argument("--max-vocabulary", type=int, help="keep only this many most frequent words")
+    q.add_argument("--kenlm-source", help="kenlm-*.tar.gz to build the tools from (default: download)")
+    q = lm_sub.add_parser("tune", help="grid-search lm_weight and word_score on a dev manifest")
+    q.add_argument("--model", required=True, help="model folder; gets lm/ and decoder.json")
+    q.add_argument("--lm", required=True, help="LM folder (asr lm build)")
+    q.add_argument("--manifest", required=True, help="dev manifest")
+    q.add_argument("--lm-weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
+    q.add_argument("--word-scores", type=float, nargs="+", default=[-2.0, -1.0, 0.0, 1.0, 2.0, 3.0])
+    q.add_argument("--beam-size", type=int, default=50)
+    q.add_argument("--device", default="auto")
+    q.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_lm)
 
     p = sub.add_parser("transcribe", help="transcribe audio files",
                        description="Transcribe wav/flac/ogg/opus/mp3 files (any rate, any channels).")
@@ -165,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default="txt")
     p.add_argument("--chunk-seconds", type=float, default=30.0, help="window length for long audio")
     p.add_argument("--device", default="auto")
+    _add_decoder_arguments(p)
     p.set_defaults(func=cmd_transcribe)
     return parser
 
@@ -179,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (AudioError, CheckpointError, ConfigError, CorpusError, ManifestError, FileNotFoundError) as e:
+    except (AudioError, CheckpointError, ConfigError, CorpusError, ManifestError, LMError, FileNotFoundError) as e:
         print(f"asr {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

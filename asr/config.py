@@ -38,6 +38,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.05  # cosine decay to lr * min_lr_ratio
     grad_clip: float = 10.0
     grad_accumulation: int = 1  # batches per optimiser step (per process)
+    ema_decay: float = 0.0  # >0: evaluate and keep an exponential moving average of the weights (e.g. 0.998)
     compile: bool = False  # torch.compile the convolutional front (dynamic shapes)
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
     eval_every_steps: int = 0  # 0: at the end of every epoch

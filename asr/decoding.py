@@ -43,14 +43,15 @@ def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, vocab: Vocabul
     results = []
     for b in range(best.shape[0]):
         positions = emit[b].nonzero().squeeze(1).tolist()
-        results.append(_words_from_emissions(
+        results.append(words_from_emissions(
             [vocab.tokens[i] for i in best[b, positions].tolist()], positions,
             best_prob[b, positions].tolist(), vocab, frame_seconds, time_offset))
     return results
 
 
-def _words_from_emissions(chars: list[str], frames: list[int], probs: list[float], vocab: Vocabulary,
-                          frame_seconds: float, time_offset: float) -> Transcription:
+def words_from_emissions(chars: list[str], frames: list[int], probs: list[float], vocab: Vocabulary,
+                         frame_seconds: float, time_offset: float = 0.0) -> Transcription:
+    """Words, times and confidences from the characters a path emits, their frames and posteriors."""
     words: list[Word] = []
     current: list[tuple[str, int, float]] = []
 

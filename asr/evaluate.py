@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .audio import SAMPLE_RATE
+from .beam_search import BeamSearchDecoder
 from .data import BucketBatchSampler, SpeechDataset, Utterance, collate, read_manifest
 from .decoding import Transcription, greedy_decode
 from .device import autocast
@@ -23,8 +25,9 @@ from .text import Vocabulary
 @torch.no_grad()
 def decode_utterances(model: DeepSpeech2, vocab: Vocabulary, utterances: list[Utterance],
                       max_batch_seconds: float = 300.0, num_workers: int = 0, progress: bool = True,
-                      autocast_dtype: torch.dtype | None = None) -> tuple[list[Transcription], float]:
-    """Greedy transcripts in manifest order, and the summed CTC loss per utterance (mean)."""
+                      autocast_dtype: torch.dtype | None = None, beam: BeamSearchDecoder | None = None
+                      ) -> tuple[list[Transcription], float]:
+    """Transcripts in manifest order (greedy, or `beam` search), and the summed CTC loss per utterance (mean)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -36,6 +39,7 @@ def decode_utterances(model: DeepSpeech2, vocab: Vocabulary, utterances: list[Ut
     for i, u in enumerate(utterances):
         index_of.setdefault(u.id, []).append(i)
     total_loss = 0.0
+    decode = greedy_decode if beam is None else lambda lp, lengths, _, seconds: beam.decode(lp, lengths, seconds)
     for batch in tqdm(loader, desc="decoding", disable=not progress, leave=False):
         waves = batch["waves"].to(device, non_blocking=True)
         lengths = batch["wave_lengths"].to(device)
@@ -45,7 +49,7 @@ def decode_utterances(model: DeepSpeech2, vocab: Vocabulary, utterances: list[Ut
             log_probs.transpose(0, 1), batch["targets"].to(device), out_lengths, batch["target_lengths"].to(device),
             blank=vocab.blank, reduction="sum", zero_infinity=True).item()
         for utt_id, wave_len, hyp in zip(batch["ids"], batch["wave_lengths"].tolist(),
-                                         greedy_decode(log_probs, out_lengths, vocab, model.config.frame_seconds)):
+                                         decode(log_probs, out_lengths, vocab, model.config.frame_seconds)):
             hyp.duration = round(wave_len / SAMPLE_RATE, 3)
             results[index_of[utt_id].pop()] = hyp
     if was_training:
@@ -55,18 +59,20 @@ def decode_utterances(model: DeepSpeech2, vocab: Vocabulary, utterances: list[Ut
 
 def evaluate_manifest(model: DeepSpeech2, vocab: Vocabulary, manifest: str | os.PathLike,
                       out_dir: str | os.PathLike | None = None, max_batch_seconds: float = 300.0,
-                      num_workers: int = 0, progress: bool = True) -> dict:
-    """Score a model on a manifest. Writes `hypotheses.jsonl` and `summary.json` to out_dir if given."""
+                      num_workers: int = 0, progress: bool = True, beam: BeamSearchDecoder | None = None) -> dict:
+    """Score a model on a manifest (greedy, or `beam` search). Writes `hypotheses.jsonl` and `summary.json`
+    to out_dir if given."""
     utterances = read_manifest(manifest)
     start = time.perf_counter()
-    hyps, loss = decode_utterances(model, vocab, utterances, max_batch_seconds, num_workers, progress)
+    hyps, loss = decode_utterances(model, vocab, utterances, max_batch_seconds, num_workers, progress, beam=beam)
     elapsed = time.perf_counter() - start
     rates = error_rates([u.text for u in utterances], [h.text for h in hyps])
     audio_seconds = sum(h.duration for h in hyps)
     summary = {"manifest": str(manifest), "utterances": len(utterances), **rates.to_dict(),
                "ctc_loss": round(loss, 4), "audio_seconds": round(audio_seconds, 2),
                "decode_seconds": round(elapsed, 2), "real_time_factor": round(elapsed / audio_seconds, 5),
-               "device": str(next(model.parameters()).device)}
+               "device": str(next(model.parameters()).device),
+               "decoder": "greedy" if beam is None else {"beam": dataclasses.asdict(beam.options)}}
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -105,6 +106,9 @@ class Trainer:
         if self.dist.rank:  # same initial weights everywhere, but each rank its own augmentation draws
             torch.manual_seed(config.train.seed + 7919 * self.dist.rank)
         self.ddp: DistributedDataParallel | None = None  # wraps self.model once the weights are final (fit)
+        # an exponential moving average of the weights (and BatchNorm statistics): what is evaluated and kept
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay),
+                                  use_buffers=True) if config.train.ema_decay else None)
         self.sampler = BucketBatchSampler([u.duration for u in self.train_utts], data.max_batch_seconds,
                                           data.max_batch_size, data.num_buckets, shuffle=True,
                                           sortagrad=data.sortagrad, seed=config.train.seed,
@@ -157,7 +161,7 @@ class Trainer:
             state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                      "best_wer": self.best_wer, "world_size": self.dist.world_size,
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "rng": rng}
+                     "rng": rng, "ema": self.ema.state_dict() if self.ema is not None else None}
             save_model(path, self.model, self.vocab, self._metadata(), trainer_state=state)
             steps = sorted(p for p in self.checkpoint_root.iterdir() if _STEP_DIR.match(p.name))
             for old in steps[: -self.config.train.keep_checkpoints]:
@@ -178,6 +182,10 @@ class Trainer:
         if state["world_size"] != self.dist.world_size:
             log.warning("%s was written by %d process(es), this run has %d: the batch order of the epoch "
                         "in progress changes", path, state["world_size"], self.dist.world_size)
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise ValueError(f"{path}: checkpoint has no weight average but train.ema_decay is set")
+            self.ema.load_state_dict(state["ema"])
         if self.dist.rank < len(state["rng"]):
             self._set_rng_state(state["rng"][self.dist.rank])
         log.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
@@ -198,8 +206,13 @@ class Trainer:
             writer.writerow(row)
 
     # ---------------------------------------------------------------- loop
+    @property
+    def eval_model(self) -> DeepSpeech2:
+        """The weights that are evaluated and saved as best: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
     def evaluate(self) -> dict:
-        hyps, loss = decode_utterances(self.model, self.vocab, self.dev_utts, self.config.data.max_batch_seconds,
+        hyps, loss = decode_utterances(self.eval_model, self.vocab, self.dev_utts, self.config.data.max_batch_seconds,
                                        num_workers=self.config.data.num_workers, progress=self.progress,
                                        autocast_dtype=self.amp_dtype)
         rates = error_rates([u.text for u in self.dev_utts], [h.text for h in hyps])
@@ -219,7 +232,7 @@ class Trainer:
         msg = f"step {self.step} (epoch {epochs:.2f}): dev WER {result['dev_wer']:.2%} CER {result['dev_cer']:.2%}"
         if result["dev_wer"] < self.best_wer:
             self.best_wer = result["dev_wer"]
-            save_model(self.out / "best", self.model, self.vocab, self._metadata())
+            save_model(self.out / "best", self.eval_model, self.vocab, self._metadata())
             msg += " (best)"
         tqdm.write(msg)
         self.save_checkpoint()
@@ -344,6 +357,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
         if torch.isfinite(grad_norm):  # gradients are already the same on every rank: so is this choice
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
         else:  # one bad batch must not destroy the weights
             log.warning("step %d: non-finite gradient, update skipped (batches from %s)", self.step,
                         batches[0]["ids"][:4])

@@ -2,29 +2,42 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence, overload
 
 import torch
 
 from .audio import SAMPLE_RATE, AudioInput, load_audio
-from .checkpoint import load_model_files
+from .beam_search import BeamSearchDecoder, BeamSearchOptions
+from .checkpoint import CheckpointError, load_model_files
 from .decoding import Transcription, greedy_decode
 from .device import resolve_device
+from .lm import LanguageModel
 from .model import DeepSpeech2
 from .text import Vocabulary
 
 DEFAULT_MODEL_ENV = "ASR_MODEL"
+DECODER_FILE = "decoder.json"  # in a model folder: beam search settings chosen by `asr lm tune`
+LM_DIR = "lm"  # in a model folder: its language model
 
 
 @dataclass
 class TranscribeOptions:
-    decoder: str = "greedy"
+    decoder: str = "greedy"  # "greedy" | "beam"
     batch_size: int = 16  # windows decoded together
     chunk_seconds: float = 30.0  # longer audio is cut into overlapping windows of this length
     overlap_seconds: float = 4.0  # half of the overlap is trusted from each side when stitching
+    # beam search: None takes the model's tuned value (decoder.json) or BeamSearchOptions' default
+    beam_size: int | None = None
+    lm_weight: float | None = None
+    word_score: float | None = None
+    lexicon: bool | None = None
+    hotwords: list[str] = field(default_factory=list)
+    hotword_weight: float | None = None
 
 
 @dataclass
@@ -37,10 +50,15 @@ class _Window:
 class ASRModel:
     """A trained recognizer: weights, vocabulary and settings, ready to transcribe."""
 
-    def __init__(self, model: DeepSpeech2, vocab: Vocabulary, meta: dict | None = None):
+    def __init__(self, model: DeepSpeech2, vocab: Vocabulary, meta: dict | None = None,
+                 lm: LanguageModel | None = None, beam_options: BeamSearchOptions | None = None):
         self.model = model.eval()
         self.vocab = vocab
         self.meta = meta or {}
+        self.lm = lm
+        # the model's beam defaults: lexicon search when there is an LM, else any spelling
+        self.beam_options = beam_options or BeamSearchOptions(lexicon=lm is not None)
+        self._beam_decoders: dict[str, BeamSearchDecoder] = {}
 
     @property
     def device(self) -> torch.device:
@@ -115,8 +133,23 @@ class ASRModel:
 
     @property
     def decoders(self) -> tuple[str, ...]:
-        """The decoder names this model can use."""
-        return ("greedy",)
+        """The decoder names this model can use ("beam" searches with its LM when it has one)."""
+        return ("greedy", "beam")
+
+    def beam_search_options(self, options: TranscribeOptions) -> BeamSearchOptions:
+        """The model's beam settings with the call's overrides."""
+        given = {f.name: getattr(options, f.name) for f in dataclasses.fields(BeamSearchOptions)
+                 if hasattr(options, f.name) and getattr(options, f.name) not in (None, [])}
+        return dataclasses.replace(self.beam_options, **given)
+
+    def beam_decoder(self, options: BeamSearchOptions) -> BeamSearchDecoder:
+        """A (cached) beam search decoder for these settings."""
+        key = json.dumps(dataclasses.asdict(options), sort_keys=True, default=str)
+        if key not in self._beam_decoders:
+            if len(self._beam_decoders) >= 8:
+                self._beam_decoders.pop(next(iter(self._beam_decoders)))
+            self._beam_decoders[key] = BeamSearchDecoder(self.vocab, self.lm if options.lexicon else None, options)
+        return self._beam_decoders[key]
 
     def _check_decoder(self, name: str) -> None:
         if name not in self.decoders:
@@ -127,7 +160,12 @@ class ASRModel:
         """Text and words from one utterance's CTC log-probabilities (frames, vocab), as `posteriors` gives."""
         opts = options or TranscribeOptions()
         self._check_decoder(opts.decoder)
-        result = greedy_decode(log_probs[None], torch.tensor([len(log_probs)]), self.vocab, self.frame_seconds)[0]
+        lengths = torch.tensor([len(log_probs)])
+        if opts.decoder == "beam":
+            decoder = self.beam_decoder(self.beam_search_options(opts))
+            result = decoder.decode(log_probs[None], lengths, self.frame_seconds)[0]
+        else:
+            result = greedy_decode(log_probs[None], lengths, self.vocab, self.frame_seconds)[0]
         result.duration = round(duration, 3)
         for w in result.words:
             w.end = min(w.end, result.duration)
@@ -140,15 +178,28 @@ class ASRModel:
         return feats[0].float().cpu()
 
 
-def load_model(path: str | os.PathLike | None = None, device: str = "auto") -> ASRModel:
+def load_model(path: str | os.PathLike | None = None, device: str = "auto",
+               lm: str | os.PathLike | None = None) -> ASRModel:
     """Load a model folder written by training (e.g. `exp/fsdd/best`).
 
-    With no path, the folder named by the ASR_MODEL environment variable is used.
+    With no path, the folder named by the ASR_MODEL environment variable is used. The language
+    model for beam search is `lm`, else the model folder's own `lm/` (see `asr lm tune`); the beam
+    settings tuned for it come from the folder's decoder.json.
     """
     if path is None:
         path = os.environ.get(DEFAULT_MODEL_ENV)
         if not path:
             raise FileNotFoundError(f"no model path given and ${DEFAULT_MODEL_ENV} is not set; "
                                     "train one with a recipe (see README) and pass its best/ folder")
-    model, vocab, meta = load_model_files(Path(path), resolve_device(device))
-    return ASRModel(model, vocab, meta)
+    path = Path(path)
+    model, vocab, meta = load_model_files(path, resolve_device(device))
+    if lm is None and (path / LM_DIR).is_dir():
+        lm = path / LM_DIR
+    language_model = LanguageModel.load(lm) if lm is not None else None
+    beam = None
+    if (path / DECODER_FILE).is_file() and language_model is not None:
+        try:
+            beam = BeamSearchOptions(**json.loads((path / DECODER_FILE).read_text())["beam"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path / DECODER_FILE}: not valid decoder settings ({e})") from None
+    return ASRModel(model, vocab, meta, language_model, beam)

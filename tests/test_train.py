@@ -41,24 +41,30 @@ def _run(corpus, out, crash_at=None, **kw):
     return Trainer(config, corpus, corpus, out, progress=False, on_step=on_step)
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tone_corpus, tmp_path):
-    straight = _run(tone_corpus, tmp_path / "straight")
+@pytest.mark.parametrize("ema_decay", [0.0, 0.8])
+def test_interrupted_run_resumes_to_the_same_weights(tone_corpus, tmp_path, ema_decay):
+    straight = _run(tone_corpus, tmp_path / "straight", **{"train.ema_decay": ema_decay})
     straight.fit()
     steps = straight.step
     assert steps > 8
-    crashed = _run(tone_corpus, tmp_path / "crashed", crash_at=8)
+    crashed = _run(tone_corpus, tmp_path / "crashed", crash_at=8, **{"train.ema_decay": ema_decay})
     with pytest.raises(Crash):
         crashed.fit()
     assert crashed.latest_checkpoint().name == "step-00000006"
     assert 0 < load_trainer_state(crashed.latest_checkpoint())["batch_in_epoch"]  # mid-epoch: sampler position
-    resumed = _run(tone_corpus, tmp_path / "crashed")
+    resumed = _run(tone_corpus, tmp_path / "crashed", **{"train.ema_decay": ema_decay})
     resumed.fit()
     assert resumed.step == steps
-    a = load_file(str(straight.latest_checkpoint() / "model.safetensors"))
-    b = load_file(str(resumed.latest_checkpoint() / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    for name in ("checkpoints/" + straight.latest_checkpoint().name, "best"):  # best: the average, if any
+        a = load_file(str(tmp_path / "straight" / name / "model.safetensors"))
+        b = load_file(str(tmp_path / "crashed" / name / "model.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6), (name, k)
+    last = load_file(str(straight.latest_checkpoint() / "model.safetensors"))
+    best = load_file(str(tmp_path / "straight" / "best" / "model.safetensors"))
+    averaged = not all(torch.equal(last[k], best[k]) for k in last)
+    assert averaged == bool(ema_decay)  # with a moving average, best/ holds it rather than the last weights
     assert (tmp_path / "crashed" / "best" / "model.safetensors").exists()
     assert len(list((tmp_path / "crashed" / "checkpoints").iterdir())) == 2  # keep_checkpoints
 

@@ -1,0 +1,211 @@
+"""Word n-gram language models with KenLM: build its tools once, then text -> ARPA -> KenLM binary.
+
+KenLM's `lmplz` and `build_binary` have no binary package for this platform; the `kenlm` source
+distribution on PyPI contains their sources, which build with cmake, a C++ compiler, Boost and zlib.
+`kenlm_tools()` builds them once into a cache folder (default ~/.cache/asr/kenlm, or $ASR_CACHE).
+
+An LM folder holds `lm.bin` (KenLM binary), `words.txt` (its vocabulary, one word a line),
+`lexicon.txt` (each word spelled in characters, for lexicon-constrained beam search) and `lm.json`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import urllib.request
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from .checkpoint import write_dir_atomically
+from .text import Vocabulary, normalize_text
+
+KENLM_VERSION = "0.3.0"
+BOOST_HEADERS = {"libboost-program-options-dev": "boost/program_options.hpp",
+                 "libboost-system-dev": "boost/system/error_code.hpp",
+                 "libboost-thread-dev": "boost/thread.hpp",
+                 "libboost-test-dev": "boost/test/unit_test.hpp",
+                 "zlib1g-dev": "zlib.h"}
+
+
+class LMError(RuntimeError):
+    """The LM tools cannot be built or run, or an LM folder is missing or damaged; the message says what."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ASR_CACHE", Path.home() / ".cache" / "asr"))
+
+
+def missing_build_requirements() -> list[str]:
+    """Debian packages (or programs) that building KenLM needs and that this machine lacks."""
+    missing = [p for p in ("cmake", "g++", "make") if shutil.which(p) is None]
+    includes = [Path("/usr/include"), Path("/usr/local/include")]
+    missing += [pkg for pkg, header in BOOST_HEADERS.items() if not any((d / header).exists() for d in includes)]
+    return missing
+
+
+def _download_sdist(dest: Path) -> Path:
+    """The kenlm source distribution from PyPI (the registry; pip's own index settings are not read)."""
+    index = os.environ.get("ASR_PYPI_JSON", "https://pypi.org/pypi")
+    try:
+        with urllib.request.urlopen(f"{index}/kenlm/{KENLM_VERSION}/json", timeout=60) as r:
+            release = json.load(r)
+        url = next(u["url"] for u in release["urls"] if u["packagetype"] == "sdist")
+        path = dest / url.rsplit("/", 1)[1]
+        with urllib.request.urlopen(url, timeout=300) as r, open(path, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except (OSError, StopIteration, ValueError, KeyError) as e:
+        raise LMError(f"cannot download the kenlm {KENLM_VERSION} source from {index} ({e}); "
+                      "download kenlm-*.tar.gz yourself and pass it with --kenlm-source") from None
+    return path
+
+
+def kenlm_tools(source: str | os.PathLike | None = None, jobs: int | None = None, quiet: bool = True
+                ) -> tuple[Path, Path]:
+    """Paths of `lmplz` and `build_binary`: on PATH, in the cache, or built now from the kenlm sdist."""
+    on_path = shutil.which("lmplz"), shutil.which("build_binary")
+    if all(on_path):
+        return Path(on_path[0]), Path(on_path[1])
+    bin_dir = cache_dir() / "kenlm" / "bin"
+    tools = bin_dir / "lmplz", bin_dir / "build_binary"
+    if all(t.exists() for t in tools):
+        return tools
+    missing = missing_build_requirements()
+    if missing:
+        raise LMError("building KenLM's lmplz and build_binary needs: " + ", ".join(missing) +
+                      "\n  on Debian/Ubuntu: apt-get install " + " ".join(
+                          ["cmake", "g++", "make", *BOOST_HEADERS, "libbz2-dev", "liblzma-dev"]))
+    with tempfile.TemporaryDirectory(prefix="kenlm-build-") as tmp:
+        tmp = Path(tmp)
+        archive = Path(source) if source else _download_sdist(tmp)
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp / "src", filter="data")
+        except (OSError, tarfile.TarError) as e:
+            raise LMError(f"{archive}: not a kenlm source archive ({e})") from None
+        roots = [p.parent for p in (tmp / "src").glob("*/CMakeLists.txt")]
+        if not roots:
+            raise LMError(f"{archive}: no CMakeLists.txt inside; not a kenlm source archive")
+        build = tmp / "build"
+        out = subprocess.DEVNULL if quiet else None
+        steps = [["cmake", "-S", str(roots[0]), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"],
+                 ["cmake", "--build", str(build), "--target", "lmplz", "build_binary", "-j", str(jobs or os.cpu_count())]]
+        for cmd in steps:
+            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
+            if proc.returncode != 0:
+                raise LMError(f"building KenLM failed at `{' '.join(cmd[:2])}`:\n{proc.stderr[-2000:]}")
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        for tool in tools:
+            built = next(build.rglob(tool.name), None)
+            if built is None:
+                raise LMError(f"KenLM built but {tool.name} is not in {build}")
+            shutil.copy2(built, tool.with_suffix(".tmp"))
+            os.replace(tool.with_suffix(".tmp"), tool)
+    return tools
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8", errors="replace") if path.suffix == ".gz" else \
+        open(path, encoding="utf-8", errors="replace")
+
+
+def normalized_sentences(paths: Iterable[str | os.PathLike], vocab: Vocabulary) -> Iterator[str]:
+    """Every non-empty line of the files (.gz or plain; JSONL manifests give their "text"), normalised."""
+    allowed = set(vocab.tokens[1:]) - {" "}
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            raise LMError(f"{path}: text file not found")
+        is_manifest = ".jsonl" in path.suffixes
+        with _open_text(path) as f:
+            for line in f:
+                if is_manifest:
+                    line = json.loads(line).get("text", "") if line.strip() else ""
+                text = normalize_text(line)
+                text = " ".join(w for w in text.split() if set(w) <= allowed)
+                if text:
+                    yield text
+
+
+@dataclass
+class LMInfo:
+    order: int
+    sentences: int
+    words: int  # running words of training text
+    vocabulary: int
+    sources: list[str]
+
+
+def build_lm(texts: Sequence[str | os.PathLike], out_dir: str | os.PathLike, order: int = 4,
+             prune: Sequence[int] = (0, 0, 1), max_vocabulary: int | None = None, memory: str = "20%",
+             vocab: Vocabulary | None = None, kenlm_source: str | os.PathLike | None = None) -> LMInfo:
+    """Normalise `texts`, estimate a modified Kneser-Ney `order`-gram with lmplz, binarise it, write the folder.
+
+    `prune` gives lmplz's count thresholds per order (e.g. 0 0 1: drop singleton trigrams and up);
+    `max_vocabulary` keeps only the most frequent words (others become <unk>).
+    """
+    vocab = vocab or Vocabulary()
+    lmplz, build_binary = kenlm_tools(kenlm_source)
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="lm-") as tmp:
+        tmp = Path(tmp)
+        corpus = tmp / "corpus.txt"
+        counts: Counter[str] = Counter()
+        sentences = 0
+        with open(corpus, "w") as f:
+            for line in normalized_sentences(texts, vocab):
+                f.write(line + "\n")
+                counts.update(line.split())
+                sentences += 1
+        if sentences == 0:
+            raise LMError(f"no usable text in {', '.join(map(str, texts))}")
+        words = [w for w, _ in counts.most_common(max_vocabulary)]
+        cmd = [str(lmplz), "-o", str(order), "--text", str(corpus), "--arpa", str(tmp / "lm.arpa"),
+               "--discount_fallback", "-S", memory, "-T", str(tmp)]
+        if any(prune):
+            cmd += ["--prune", *map(str, list(prune)[: order])]
+        if max_vocabulary:
+            (tmp / "limit.txt").write_text("\n".join(words) + "\n")
+            cmd += ["--limit_vocab_file", str(tmp / "limit.txt")]
+        for step in (cmd, [str(build_binary), "trie", str(tmp / "lm.arpa"), str(tmp / "lm.bin")]):
+            proc = subprocess.run(step, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise LMError(f"{Path(step[0]).name} failed:\n{proc.stderr[-2000:]}")
+        info = LMInfo(order, sentences, sum(counts.values()), len(words), [str(t) for t in texts])
+
+        def fill(d: Path) -> None:
+            shutil.move(str(tmp / "lm.bin"), d / "lm.bin")
+            (d / "words.txt").write_text("\n".join(words) + "\n")
+            (d / "lexicon.txt").write_text("".join(f"{w}\t{' '.join(w)}\n" for w in words))
+            (d / "lm.json").write_text(json.dumps(asdict(info), indent=2))
+
+        write_dir_atomically(out, fill)
+    return info
+
+
+@dataclass
+class LanguageModel:
+    """An LM folder, checked: the paths beam search needs."""
+    folder: Path
+    binary: Path
+    lexicon: Path
+    words: list[str]
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "LanguageModel":
+        folder = Path(folder)
+        binary, lexicon, words = folder / "lm.bin", folder / "lexicon.txt", folder / "words.txt"
+        for p in (binary, lexicon, words):
+            if not p.is_file():
+                raise LMError(f"{folder}: not a language model folder ({p.name} is missing); build one with asr lm build")
+        with open(binary, "rb") as f:
+            magic = f.read(64)
+        if not magic.startswith(b"mmap lm"):
+            raise LMError(f"{binary}: not a KenLM binary file (damaged or of another kind)")
+        return cls(folder, binary, lexicon, words.read_text().split())

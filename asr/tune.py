@@ -1,0 +1,67 @@
+"""Choosing the beam search's LM weight (alpha) and word score (beta) on a dev set, and storing them with the model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from .audio import load_audio
+from .checkpoint import write_dir_atomically
+from .data import read_manifest
+from .metrics import error_rates
+from .transcribe import DECODER_FILE, LM_DIR, ASRModel
+
+DEFAULT_LM_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+DEFAULT_WORD_SCORES = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
+
+
+def tune_beam(model: ASRModel, manifest: str | os.PathLike, lm_weights: Sequence[float] = DEFAULT_LM_WEIGHTS,
+              word_scores: Sequence[float] = DEFAULT_WORD_SCORES, beam_size: int = 50,
+              progress: bool = True) -> dict:
+    """WER of every (alpha, beta) on `manifest` with the model's LM; returns the best and the whole grid."""
+    if model.lm is None:
+        raise ValueError("tuning needs a model loaded with a language model (load_model(path, lm=...))")
+    utts = read_manifest(manifest)
+    refs = [u.text for u in utts]
+    posteriors = []
+    for i in tqdm(range(0, len(utts), 64), desc="posteriors", disable=not progress, leave=False):
+        posteriors += model.posteriors([load_audio(u.audio_filepath) for u in utts[i: i + 64]])
+    greedy = [model.decode(lp, 0.0).text for lp in posteriors]
+    greedy_wer = error_rates(refs, greedy).wer
+    grid = []
+    best = None
+    for alpha in tqdm(lm_weights, desc="alpha", disable=not progress, leave=False):
+        for beta in word_scores:
+            opts = dataclasses.replace(model.beam_options, lm_weight=alpha, word_score=beta, beam_size=beam_size,
+                                       lexicon=True, hotwords=[])
+            decoder = model.beam_decoder(opts)
+            start = time.perf_counter()
+            hyps = [decoder.decode(lp[None], torch.tensor([len(lp)]), model.frame_seconds)[0].text for lp in posteriors]
+            rates = error_rates(refs, hyps)
+            row = {"lm_weight": alpha, "word_score": beta, "wer": round(rates.wer, 5), "cer": round(rates.cer, 5),
+                   "decode_seconds": round(time.perf_counter() - start, 2)}
+            grid.append(row)
+            if best is None or row["wer"] < best[0]["wer"]:
+                best = (row, opts)
+    assert best is not None
+    return {"manifest": str(manifest), "utterances": len(utts), "greedy_wer": round(greedy_wer, 5),
+            "beam_wer": best[0]["wer"], "beam": dataclasses.asdict(best[1]), "grid": grid}
+
+
+def store_decoder(model_dir: str | os.PathLike, lm_dir: str | os.PathLike, tuned: dict) -> None:
+    """Copy the LM into the model folder (as lm/) and write decoder.json, so load_model uses them by default."""
+    model_dir, lm_dir = Path(model_dir), Path(lm_dir)
+    if lm_dir.resolve() != (model_dir / LM_DIR).resolve():
+        write_dir_atomically(model_dir / LM_DIR, lambda d: [shutil.copy2(p, d / p.name) for p in lm_dir.iterdir()
+                                                            if p.is_file()])
+    tmp = model_dir / f".{DECODER_FILE}.tmp"
+    tmp.write_text(json.dumps(tuned, indent=2))
+    os.replace(tmp, model_dir / DECODER_FILE)
