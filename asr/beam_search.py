@@ -24,14 +24,14 @@ _BLANK, _SEP = "-", "|"  # flashlight's names for the CTC blank and the word sep
 @dataclass
 class BeamSearchOptions:
     beam_size: int = 50  # hypotheses kept per frame
-    beam_size_token: int | None = None  # tokens tried per frame (None: all)
-    beam_threshold: float = 25.0  # drop hypotheses this far (log) below the best
-    lm_weight: float = 0.5  # alpha: weight of the LM log-probability
+    beam_size_token: int | None = 8  # most likely tokens tried per frame (None: all)
+    beam_threshold: float = 10.0  # drop hypotheses this far (log) below the best
+    lm_weight: float = 0.5  # alpha: weight of the LM's log10-probability
     word_score: float = 0.0  # beta: bonus per word (counters the LM's preference for few words)
     unk_score: float = -math.inf  # score of words outside the lexicon (lexicon search)
     lexicon: bool = True  # spell only known words (needs an LM); False: any spelling, no word LM
     hotwords: list[str] = field(default_factory=list)  # words or phrases to favour at this call
-    hotword_weight: float = 8.0  # added to the LM log-probability of each hot word
+    hotword_weight: float = 8.0  # added to the LM log10-probability of each hot word (before alpha)
 
 
 def _boosted_lm(kenlm, boosts: dict[int, float]):
