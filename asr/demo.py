@@ -144,11 +144,13 @@ def build_app(default_model: str = "", limits: DemoLimits | None = None, cache: 
     limits = limits or DemoLimits()
     cache = cache or ModelCache()
 
-    def decoder_choices(model_path: str) -> list[str]:
+    def decoder_choices(model_path: str) -> list[tuple[str, str]]:
+        """(label, decoder) pairs: beam search is labelled "beam + LM" when the model has a language model."""
         try:
-            return list(cache.get(model_path).decoders)
+            model = cache.get(model_path)
         except DemoError:
-            return ["greedy"]
+            return [("greedy", "greedy")]
+        return [("beam + LM" if d == "beam" and model.lm is not None else d, d) for d in model.decoders]
 
     def run(audio_path, decoder, model_path):
         try:

@@ -54,9 +54,9 @@ def _download_sdist(dest: Path) -> Path:
     """The kenlm source distribution from PyPI (the registry; pip's own index settings are not read)."""
     index = os.environ.get("ASR_PYPI_JSON", "https://pypi.org/pypi")
     try:
-        with urllib.request.urlopen(f"{index}/kenlm/{KENLM_VERSION}/json", timeout=60) as r:
-            release = json.load(r)
-        url = next(u["url"] for u in release["urls"] if u["packagetype"] == "sdist")
+        with urllib.request.urlopen(f"{index}/kenlm/json", timeout=60) as r:
+            project = json.load(r)
+        url = next(u["url"] for u in project["releases"][KENLM_VERSION] if u["packagetype"] == "sdist")
         path = dest / url.rsplit("/", 1)[1]
         with urllib.request.urlopen(url, timeout=300) as r, open(path, "wb") as f:
             shutil.copyfileobj(r, f)
