@@ -14,8 +14,10 @@ import torch
 from .config import load_config
 from .distributed import destroy
 from .evaluate import evaluate_manifest
+from .lm import build_lm
 from .train import Trainer
 from .transcribe import load_model
+from .tune import store_decoder, tune_beam
 
 
 def recipe_arguments(description: str, data_env: str, default_data: str, default_config: Path) -> argparse.ArgumentParser:
@@ -27,6 +29,10 @@ def recipe_arguments(description: str, data_env: str, default_data: str, default
     parser.add_argument("--config", default=str(default_config), help="YAML configuration")
     parser.add_argument("--restart", action="store_true", help="ignore checkpoints already in OUT")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--beam", action="store_true", help="also score with beam search and an n-gram LM "
+                        "built from the training transcripts (plus --lm-text), its weights tuned on dev")
+    parser.add_argument("--lm-text", nargs="*", default=[], help="more LM text files (with --beam)")
+    parser.add_argument("--lm-order", type=int, default=3, help="LM order (with --beam)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
     return parser
 
@@ -55,6 +61,16 @@ def run_experiment(args: argparse.Namespace, train: Path, dev: Path, tests: dict
     for name, manifest in {"dev": dev, **tests}.items():
         rows[name] = evaluate_manifest(model.model, model.vocab, manifest, out / "eval" / name,
                                        progress=not args.no_progress)
+    if args.beam:  # an LM from training text only; alpha/beta chosen on dev; every set scored again
+        build_lm([train, *args.lm_text], out / "lm", order=args.lm_order, prune=[0] * args.lm_order)
+        model = load_model(result.best_dir, device=str(trainer.device), lm=out / "lm")
+        store_decoder(result.best_dir, out / "lm", tune_beam(model, dev, progress=not args.no_progress))
+        model = load_model(result.best_dir, device=str(trainer.device))
+        beam = model.beam_decoder(model.beam_options)
+        for name, manifest in {"dev": dev, **tests}.items():
+            rows[f"{name} (beam + LM)"] = evaluate_manifest(model.model, model.vocab, manifest,
+                                                            out / "eval" / f"{name}-beam", beam=beam,
+                                                            progress=not args.no_progress)
     results = {
         "command": command, "config": args.config, "overrides": args.overrides,
         "parameters": model.model.num_parameters(), "steps": result.steps,

@@ -179,9 +179,11 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch, self.best_wer = state["batch_in_epoch"], state["best_wer"]
-        if state["world_size"] != self.dist.world_size:
+        if "rng" not in state:  # written before distributed training: one process's RNG state
+            state["rng"] = [{"torch": state["torch_rng"], "cuda": None, "python": state["python_rng"]}]
+        if state.get("world_size", 1) != self.dist.world_size:
             log.warning("%s was written by %d process(es), this run has %d: the batch order of the epoch "
-                        "in progress changes", path, state["world_size"], self.dist.world_size)
+                        "in progress changes", path, state.get("world_size", 1), self.dist.world_size)
         if self.ema is not None:
             if state.get("ema") is None:
                 raise ValueError(f"{path}: checkpoint has no weight average but train.ema_decay is set")

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # System packages the tests need, installed from Debian when missing (needs root or sudo):
 # - chromium: the demo tests drive it with Playwright (Playwright's own browser download is not used);
-# - cmake, g++, Boost, zlib, bzip2, lzma: `asr lm` builds KenLM's lmplz and build_binary from source.
+# - cmake, g++, Boost, zlib, bzip2, lzma: `asr lm` builds KenLM's lmplz and build_binary from source;
+# - espeak-ng, flite: text-to-speech engines for synthetic training speech.
 set -euo pipefail
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
+command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
+command -v flite >/dev/null 2>&1 || need+=(flite)
 command -v g++ >/dev/null 2>&1 || need+=(g++)
 [ -e /usr/include/boost/program_options.hpp ] || need+=(libboost-program-options-dev)
 [ -e /usr/include/boost/system/error_code.hpp ] || need+=(libboost-system-dev)

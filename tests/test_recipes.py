@@ -1,10 +1,12 @@
 """Each recipe end to end on a tiny generated corpus in the real layout, with a tiny model."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 
 import asr
@@ -47,6 +49,32 @@ def test_fsdd_recipe(tmp_path):
     out = run_recipe("fsdd", "--data", tmp_path / "fsdd", "--out", tmp_path / "exp2", "--extra-kaldi", tmp_path / "extra")
     assert "2 utterances with digit words added" in out.stdout
     assert len((tmp_path / "exp2" / "manifests" / "train_with_extra.jsonl").read_text().splitlines()) == 40 + 2
+
+
+def test_fsdd_recipe_with_synthetic_voices_and_beam_search(tmp_path):
+    from asr.lm import missing_build_requirements
+    from asr.synthesis import available_voices
+
+    engines = {v.engine for v in available_voices()}
+    missing = [e for e in ("espeak-ng", "flite") if e not in engines] + missing_build_requirements()
+    if missing:
+        if os.environ.get("ASR_STRICT_TESTS"):
+            pytest.fail(f"missing {missing} (tests/install-system-packages.sh installs them)")
+        pytest.skip(f"missing {missing} (tests/install-system-packages.sh installs them)")
+    rec = tmp_path / "fsdd" / "recordings"
+    rec.mkdir(parents=True)
+    for speaker in ("ann", "bob", "theo"):
+        for d, word in enumerate(WORDS):
+            for take in range(2):
+                sf.write(rec / f"{d}_{speaker}_{take}.wav", tone_speech(word, 8000, seed=take), 8000)
+    out = run_recipe("fsdd", "--data", tmp_path / "fsdd", "--out", tmp_path / "exp", "--tts-voices", 2,
+                     "--tts-copies", 1, "--beam", "--lm-order", 2)
+    assert "60 synthetic utterances from 6 voices added" in out.stdout  # 2 espeak-ng + 4 flite voices
+    assert len(list((tmp_path / "exp" / "synthetic").glob("*.flac"))) == 60
+    check_outputs(tmp_path / "exp", ["dev", "test-theo-unseen", "dev (beam + LM)", "test-theo-unseen (beam + LM)"])
+    tuned = json.loads((tmp_path / "exp" / "best" / "decoder.json").read_text())
+    assert tuned["utterances"] == 20 and len(tuned["grid"]) > 1
+    assert (tmp_path / "exp" / "best" / "lm" / "lm.bin").exists()
 
 
 def _kaldi_split(folder: Path, texts: list[str]) -> None:
