@@ -20,7 +20,11 @@ class FeatureConfig:
     n_fft: int = 512
     f_min: float = 0.0
     f_max: float | None = None  # None: half the sample rate; 4000 suits telephone / 8 kHz corpora
-    normalization: str = "per_utterance"  # "per_utterance" | "global" | "none"
+    # "per_utterance": each mel band to zero mean, unit variance over the utterance (removes channel
+    # colouring, but on very short utterances also much of the vowel's own spectrum);
+    # "per_utterance_level": one mean and variance over all bands and frames (removes only gain);
+    # "global": training-set statistics per band; "none"
+    normalization: str = "per_utterance"
     # SpecAugment (torchaudio masking), active in training mode only
     freq_masks: int = 2
     freq_mask_width: int = 27
@@ -47,7 +51,7 @@ class LogMel(nn.Module):
 
     def __init__(self, config: FeatureConfig):
         super().__init__()
-        if config.normalization not in ("per_utterance", "global", "none"):
+        if config.normalization not in ("per_utterance", "per_utterance_level", "global", "none"):
             raise ValueError(f"unknown feature normalization {config.normalization!r}")
         if config.win_length > config.n_fft:
             raise ValueError(f"win_ms={config.win_ms} gives a window longer than n_fft={config.n_fft}")
@@ -78,10 +82,11 @@ class LogMel(nn.Module):
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats, frames = self.raw(waves, lengths)
         mask = _lengths_mask(frames, feats.shape[-1])[:, None, :]
-        if self.config.normalization == "per_utterance":
-            count = frames[:, None, None].to(feats.dtype)
-            mean = feats.sum(-1, keepdim=True) / count
-            var = ((feats - mean) ** 2).masked_fill(~mask, 0.0).sum(-1, keepdim=True) / count
+        if self.config.normalization in ("per_utterance", "per_utterance_level"):
+            dims = (-1,) if self.config.normalization == "per_utterance" else (-2, -1)
+            count = frames[:, None, None].to(feats.dtype) * (1 if len(dims) == 1 else feats.shape[1])
+            mean = feats.sum(dims, keepdim=True) / count
+            var = ((feats - mean) ** 2).masked_fill(~mask, 0.0).sum(dims, keepdim=True) / count
             feats = (feats - mean) / (var.sqrt() + 1e-5)
         elif self.config.normalization == "global":
             feats = (feats - self.mean[None, :, None]) / self.std[None, :, None]

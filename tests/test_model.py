@@ -51,3 +51,19 @@ def test_spec_augment_only_in_training():
     assert (masked == 0).any() and not torch.equal(masked, feats)
     model.spec_augment.eval()
     assert torch.equal(model.spec_augment(feats, frames), feats)
+
+
+@pytest.mark.parametrize("normalization, keeps_band_shape", [("per_utterance", False), ("per_utterance_level", True)])
+def test_utterance_normalisation_removes_gain(normalization, keeps_band_shape):
+    from asr.features import FeatureConfig, LogMel
+
+    torch.manual_seed(0)
+    t = torch.arange(8000) / 16000
+    wave = (torch.sin(2 * torch.pi * 300 * t) + 0.01 * torch.randn(8000))[None]  # energy in the low bands only
+    feats = LogMel(FeatureConfig(n_mels=40, normalization=normalization))
+    lengths = torch.tensor([8000])
+    quiet, _ = feats(0.1 * wave, lengths)
+    loud, _ = feats(wave, lengths)
+    assert torch.allclose(quiet, loud, atol=0.05)  # a gain change is a constant in the log domain
+    band_means = loud[0].mean(-1)
+    assert (band_means[:8].mean() - band_means[-8:].mean() > 1.0) == keeps_band_shape
