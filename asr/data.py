@@ -18,7 +18,7 @@ import torchaudio.functional as AF
 from torch.utils.data import Dataset, Sampler
 
 from .audio import SAMPLE_RATE, load_audio
-from .text import Vocabulary, normalize_text
+from .text import Vocabulary
 
 log = logging.getLogger(__name__)
 

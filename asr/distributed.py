@@ -60,11 +60,17 @@ def barrier(ctx: DistributedContext) -> None:
 
 
 def all_reduce_sum(ctx: DistributedContext, values: torch.Tensor) -> torch.Tensor:
-    """The element-wise sum of `values` over all processes (a copy; `values` itself is unchanged)."""
-    values = values.clone()
-    if ctx.enabled:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
+    """The element-wise sum of `values` over all processes (a copy; `values` itself is unchanged).
+
+    CPU tensors are moved to the GPU only where the backend (NCCL) needs it; one process copies nothing
+    across devices, so counting a batch on the CPU never waits for the GPU.
+    """
+    if not ctx.enabled:
+        return values.clone()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else values.device
+    out = values.to(device, copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
 
 
 def all_gather_objects(ctx: DistributedContext, obj: object) -> list:

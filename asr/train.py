@@ -336,8 +336,7 @@ class Trainer:
         batches takes the same step as N processes with one batch each.
         """
         counts = torch.tensor([sum(len(b["ids"]) for b in batches),
-                               sum(int(b["wave_lengths"].sum()) for b in batches)], dtype=torch.float64,
-                              device=self.device)
+                               sum(int(b["wave_lengths"].sum()) for b in batches)], dtype=torch.float64)
         utterances, samples = all_reduce_sum(self.dist, counts).tolist()
         scale = self.dist.world_size / utterances  # DDP averages gradients over ranks
         model = self.ddp or self.model

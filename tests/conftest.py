@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from asr.corpora import DIGIT_WORDS
 from asr.text import ENGLISH_CHARACTERS
 
 SHARED_DATA = Path(os.environ.get("ASR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -44,6 +45,27 @@ def write_tone_corpus(folder: Path, texts: list[str] = TEXTS, name: str = "manif
             sf.write(path, wave, 16_000)
             f.write(json.dumps({"audio_filepath": path.name, "duration": len(wave) / 16_000, "text": text}) + "\n")
     return manifest
+
+
+def write_fake_fsdd(folder: Path, takes: int, speakers: tuple[str, ...] = ("ann", "bob", "theo")) -> Path:
+    """An FSDD-layout folder (recordings/{digit}_{speaker}_{take}.wav, 8 kHz tone speech); returns it."""
+    rec = folder / "recordings"
+    rec.mkdir(parents=True)
+    for speaker in speakers:
+        for d, word in enumerate(DIGIT_WORDS):
+            for take in range(takes):
+                sf.write(rec / f"{d}_{speaker}_{take}.wav", tone_speech(word, 8000, seed=take), 8000)
+    return folder
+
+
+def require_system_tools(missing: list[str]) -> None:
+    """Skip when system packages are missing, or fail under ASR_STRICT_TESTS (CI must not skip)."""
+    if not missing:
+        return
+    message = f"missing {missing} (tests/install-system-packages.sh installs them)"
+    if os.environ.get("ASR_STRICT_TESTS"):
+        pytest.fail(message)
+    pytest.skip(message, allow_module_level=True)
 
 
 def manifest_text_with_absolute_paths(manifest: Path) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from .conftest import TEXTS, tone_speech
+from .conftest import TEXTS, require_system_tools, tone_speech
 
 gradio_client = pytest.importorskip("gradio_client", reason="the demo tests need the dev extra (gradio_client)")
 
@@ -107,18 +107,15 @@ def test_a_missing_model_folder_is_named(demo_url, audio_files, tmp_path):
         _transcribe(client, audio_files["cab"], str(tmp_path / "nowhere"))
 
 
-def _chromium() -> str | None:
+def _chromium() -> str:
     path = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
-    if path is None and os.environ.get("ASR_STRICT_TESTS"):
-        pytest.fail("ASR_STRICT_TESTS is set but there is no chromium (tests/install-system-packages.sh)")
+    require_system_tools([] if path else ["chromium"])
     return path
 
 
 def test_browser_upload_shows_transcript_words_and_plots(demo_url, audio_files, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (dev extra)")
     chromium = _chromium()
-    if chromium is None:
-        pytest.skip("no chromium browser: apt-get install chromium (.ci/run does)")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True)
         page = browser.new_page(viewport={"width": 1280, "height": 1300})

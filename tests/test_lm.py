@@ -1,7 +1,6 @@
 """KenLM language models and beam search: build, decode with and without LM, tune, hot words, bad LM folders."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -14,14 +13,9 @@ from asr.lm import LanguageModel, LMError, build_lm, kenlm_tools, missing_build_
 from asr.text import Vocabulary
 from asr.tune import store_decoder, tune_beam
 
-from .conftest import TEXTS
+from .conftest import TEXTS, require_system_tools
 
-if missing_build_requirements():
-    message = (f"KenLM cannot be built here: missing {missing_build_requirements()} "
-               "(tests/install-system-packages.sh installs them)")
-    if os.environ.get("ASR_STRICT_TESTS"):  # CI: fail rather than skip
-        raise RuntimeError(message)
-    pytest.skip(message, allow_module_level=True)
+require_system_tools(missing_build_requirements())  # KenLM's build needs them
 
 VOCAB = Vocabulary()
 

@@ -1,20 +1,17 @@
 """Each recipe end to end on a tiny generated corpus in the real layout, with a tiny model."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import soundfile as sf
 
 import asr
 
-from .conftest import TINY_OVERRIDES, manifest_text_with_absolute_paths, tone_speech
+from .conftest import TINY_OVERRIDES, manifest_text_with_absolute_paths, require_system_tools, tone_speech, write_fake_fsdd
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 QUICK = TINY_OVERRIDES + ["train.epochs=2"]
 
 
@@ -37,12 +34,7 @@ def check_outputs(out_dir: Path, sets: list[str]) -> None:
 
 
 def test_fsdd_recipe(tmp_path):
-    rec = tmp_path / "fsdd" / "recordings"
-    rec.mkdir(parents=True)
-    for speaker in ("ann", "bob", "theo"):
-        for d, word in enumerate(WORDS):
-            for take in range(3):
-                sf.write(rec / f"{d}_{speaker}_{take}.wav", tone_speech(word, 8000, seed=take), 8000)
+    write_fake_fsdd(tmp_path / "fsdd", takes=3)
     run_recipe("fsdd", "--data", tmp_path / "fsdd", "--out", tmp_path / "exp")
     check_outputs(tmp_path / "exp", ["dev", "test-theo-unseen"])
     _kaldi_split(tmp_path / "extra", ["ONE TWO", "A CAB", "SEVEN"])
@@ -56,17 +48,8 @@ def test_fsdd_recipe_with_synthetic_voices_and_beam_search(tmp_path):
     from asr.synthesis import available_voices
 
     engines = {v.engine for v in available_voices()}
-    missing = [e for e in ("espeak-ng", "flite") if e not in engines] + missing_build_requirements()
-    if missing:
-        if os.environ.get("ASR_STRICT_TESTS"):
-            pytest.fail(f"missing {missing} (tests/install-system-packages.sh installs them)")
-        pytest.skip(f"missing {missing} (tests/install-system-packages.sh installs them)")
-    rec = tmp_path / "fsdd" / "recordings"
-    rec.mkdir(parents=True)
-    for speaker in ("ann", "bob", "theo"):
-        for d, word in enumerate(WORDS):
-            for take in range(2):
-                sf.write(rec / f"{d}_{speaker}_{take}.wav", tone_speech(word, 8000, seed=take), 8000)
+    require_system_tools([e for e in ("espeak-ng", "flite") if e not in engines] + missing_build_requirements())
+    write_fake_fsdd(tmp_path / "fsdd", takes=2)
     out = run_recipe("fsdd", "--data", tmp_path / "fsdd", "--out", tmp_path / "exp", "--tts-voices", 2,
                      "--tts-copies", 1, "--beam", "--lm-order", 2)
     assert "60 synthetic utterances from 6 voices added" in out.stdout  # 2 espeak-ng + 4 flite voices
