@@ -24,6 +24,8 @@ from .text import Vocabulary
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
 TRAINER_STATE = "trainer.pt"
+DECODER_FILE = "decoder.json"  # beam search settings chosen by `asr lm tune`
+LM_DIR = "lm"  # the model's language model
 FORMAT_VERSION = 1
 
 
@@ -45,8 +47,8 @@ def write_dir_atomically(final: Path, write: Any) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes private folders; a model folder is ordinary
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
+        for f in tmp.rglob("*"):
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
         old = final.with_name(final.name + ".old")
         if old.exists():
             shutil.rmtree(old)

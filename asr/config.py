@@ -11,20 +11,20 @@ from typing import Any
 
 import yaml
 
+from .augment import AugmentOptions
 from .model import ModelConfig
 
 
 @dataclass
-class DataConfig:
+class DataConfig(AugmentOptions):
+    """Batching and loading; the augmentation fields (speed_perturb, noise_*, babble_*, reverb_*, eq_*,
+    telephone_prob, codec_prob) come from AugmentOptions."""
+
     max_batch_seconds: float = 200.0  # padded audio seconds per batch
     max_batch_size: int = 64
     num_buckets: int = 20
     max_duration: float = 20.0  # longer training utterances are dropped
     sortagrad: bool = True
-    speed_perturb: list[float] = field(default_factory=list)  # e.g. [0.9, 1.0, 1.1]
-    noise_snr_db: list[float] = field(default_factory=list)  # [min, max], e.g. [10, 40]
-    noise_prob: float = 0.5  # share of utterances that get noise when noise_snr_db is set
-    noise_exponent: list[float] = field(default_factory=lambda: [-2.0, 1.0])  # colour: power ~ f**x, x in range
     num_workers: int = 2
 
 
@@ -38,6 +38,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.05  # cosine decay to lr * min_lr_ratio
     grad_clip: float = 10.0
     grad_accumulation: int = 1  # batches per optimiser step (per process)
+    init_from: str = ""  # a model folder (e.g. a pretrained OUT/best) whose weights start a fresh run
     ema_decay: float = 0.0  # >0: evaluate and keep an exponential moving average of the weights (e.g. 0.998)
     compile: bool = False  # torch.compile the convolutional front (dynamic shapes)
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"

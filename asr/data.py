@@ -1,4 +1,4 @@
-"""Manifests, the training Dataset, a length-bucketed SortaGrad batch sampler and padding collate."""
+"""Manifests, the training Dataset (augmented), a length-bucketed SortaGrad batch sampler and padding collate."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-import torchaudio.functional as AF
 from torch.utils.data import Dataset, Sampler
 
 from .audio import SAMPLE_RATE, load_audio
+from .augment import Augmenter, AugmentOptions
 from .text import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -103,35 +103,21 @@ def filter_by_duration(utterances: list[Utterance], max_duration: float | None,
     return kept
 
 
-def _uniform(low: float, high: float) -> float:
-    """A draw from torch's RNG (seeded per loader worker, restored on resume)."""
-    return low + (high - low) * float(torch.rand(()))
-
-
-def coloured_noise(samples: int, exponent: float) -> torch.Tensor:
-    """Unit-variance noise whose power goes as f**exponent: -2 brown, -1 pink, 0 white, 1 blue."""
-    spectrum = torch.fft.rfft(torch.randn(samples))
-    freqs = torch.arange(1, len(spectrum) + 1, dtype=torch.float32)
-    noise = torch.fft.irfft(spectrum * freqs ** (exponent / 2), n=samples)
-    return noise / noise.std().clamp_min(1e-8)
-
-
 class SpeechDataset(Dataset):
-    """Returns (waveform, token ids, id), with optional speed perturbation and coloured noise at a random SNR."""
+    """Returns (waveform, token ids, id), augmented on the fly when `augment` asks for it.
 
-    def __init__(self, utterances: list[Utterance], vocab: Vocabulary,
-                 speed_perturb: Sequence[float] = (), noise_snr_db: Sequence[float] = (), noise_prob: float = 0.0,
-                 noise_exponent: Sequence[float] = (-2.0, 1.0)):
+    Babble is made from other utterances of the same dataset.
+    """
+
+    def __init__(self, utterances: list[Utterance], vocab: Vocabulary, augment: AugmentOptions | None = None):
         self.utterances = utterances
         self.vocab = vocab
-        self.speed_perturb = list(speed_perturb)
-        if noise_snr_db and len(noise_snr_db) != 2:
-            raise ValueError("noise_snr_db is a [min, max] range in dB")
-        self.noise_snr_db = list(noise_snr_db)
-        self.noise_prob = noise_prob
-        if len(noise_exponent) != 2:
-            raise ValueError("noise_exponent is a [min, max] range (-2 brown ... 0 white ... 1 blue)")
-        self.noise_exponent = list(noise_exponent)
+        augment = augment or AugmentOptions()
+        self.augmenter = Augmenter(augment, SAMPLE_RATE, self._random_other) if augment.active else None
+
+    def _random_other(self) -> torch.Tensor:
+        # torch's RNG: seeded per loader worker from the (checkpointed) main-process state
+        return load_audio(self.utterances[int(torch.randint(len(self.utterances), ()))].audio_filepath)
 
     def __len__(self) -> int:
         return len(self.utterances)
@@ -139,15 +125,8 @@ class SpeechDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         utt = self.utterances[index]
         wave = load_audio(utt.audio_filepath)
-        if self.speed_perturb:
-            # torch's RNG: seeded per loader worker from the (checkpointed) main-process state
-            factor = self.speed_perturb[int(torch.randint(len(self.speed_perturb), ()))]
-            if factor != 1.0:  # resampling to rate/factor then playing at rate speeds up by factor
-                wave = AF.resample(wave, int(SAMPLE_RATE * factor), SAMPLE_RATE)
-        if self.noise_snr_db and float(torch.rand(())) < self.noise_prob:
-            snr = _uniform(*self.noise_snr_db)
-            noise = coloured_noise(len(wave), _uniform(*self.noise_exponent))
-            wave = AF.add_noise(wave[None], noise[None], torch.tensor([snr]))[0]
+        if self.augmenter is not None:
+            wave = self.augmenter(wave)
         return wave, torch.tensor(self.vocab.encode(utt.text), dtype=torch.long), utt.id
 
 

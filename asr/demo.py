@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .audio import SAMPLE_RATE, AudioError, load_audio
+from .packaging import default_model_dir
 from .transcribe import DEFAULT_MODEL_ENV, ASRModel, TranscribeOptions, load_model
 
 WORD_COLUMNS = ["word", "start (s)", "end (s)", "confidence"]
@@ -191,8 +192,8 @@ def build_app(default_model: str = "", limits: DemoLimits | None = None, cache: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="asr demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=os.environ.get(DEFAULT_MODEL_ENV, ""),
-                        help=f"model folder (default: ${DEFAULT_MODEL_ENV})")
+    parser.add_argument("--model", default=os.environ.get(DEFAULT_MODEL_ENV) or str(default_model_dir() or ""),
+                        help=f"model folder (default: ${DEFAULT_MODEL_ENV}, else the model shipped with the package)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")

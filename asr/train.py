@@ -7,6 +7,7 @@ share of every global step's batches, rank 0 evaluates, logs and writes checkpoi
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .audio import SAMPLE_RATE, load_audio
-from .checkpoint import load_model_files, load_trainer_state, recover_dir, save_model
+from .checkpoint import CheckpointError, load_model_files, load_trainer_state, recover_dir, save_model
 from .config import ExperimentConfig, config_to_dict
 from .data import BucketBatchSampler, SpeechDataset, Utterance, collate, filter_by_duration, read_manifest
 from .device import autocast, autocast_dtype, resolve_device
@@ -126,6 +127,24 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.best_wer = math.inf
+
+    def init_weights(self, folder: Path) -> None:
+        """Start from another model's weights (fine-tuning); its architecture and vocabulary must match."""
+        source, vocab, _ = load_model_files(folder, "cpu")
+        if vocab.tokens != self.vocab.tokens:
+            raise CheckpointError(f"{folder}: its vocabulary differs from this run's")
+        mine, theirs = dataclasses.asdict(self.config.model), dataclasses.asdict(source.config)
+        arch = {k for k in mine if k not in ("dropout", "features")}
+        differ = sorted(k for k in arch if mine[k] != theirs[k])
+        differ += sorted(f"features.{k}" for k in mine["features"] if not k.endswith(("masks", "mask_width", "ratio"))
+                         and mine["features"][k] != theirs["features"][k])
+        if differ:
+            raise CheckpointError(f"{folder}: cannot initialise from it, model settings differ: {', '.join(differ)}")
+        self.model.load_state_dict(source.state_dict())
+        if self.ema is not None:
+            self.ema.module.load_state_dict(source.state_dict())
+        if self.dist.is_main:
+            print(f"initialised from {folder}", flush=True)
 
     def _epoch_steps(self, epoch: int) -> int:
         return len(self.sampler.batches(epoch)) // self.config.train.grad_accumulation
@@ -258,6 +277,8 @@ class Trainer:
         latest = self.latest_checkpoint()
         if latest is not None:
             self.resume(latest)
+        elif cfg.train.init_from:
+            self.init_weights(Path(cfg.train.init_from))
         elif cfg.model.features.normalization == "global":
             compute_global_stats(self.model, self.train_utts, seed=cfg.train.seed, progress=self.progress)
         if self.dist.enabled:
@@ -270,8 +291,7 @@ class Trainer:
                   f"({sum(u.duration for u in self.train_utts) / 3600:.2f} h), about {self.total_steps} steps",
                   flush=True)
         writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step or None) if main else None
-        dataset = SpeechDataset(self.train_utts, self.vocab, cfg.data.speed_perturb, cfg.data.noise_snr_db,
-                                cfg.data.noise_prob, cfg.data.noise_exponent)
+        dataset = SpeechDataset(self.train_utts, self.vocab, cfg.data)
         accumulate = cfg.train.grad_accumulation
         eval_every = cfg.train.eval_every_steps
         ckpt_every = cfg.train.checkpoint_every_steps

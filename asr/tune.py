@@ -17,7 +17,8 @@ from .audio import load_audio
 from .checkpoint import write_dir_atomically
 from .data import read_manifest
 from .metrics import error_rates
-from .transcribe import DECODER_FILE, LM_DIR, ASRModel
+from .checkpoint import DECODER_FILE, LM_DIR
+from .transcribe import ASRModel
 
 DEFAULT_LM_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 DEFAULT_WORD_SCORES = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0)

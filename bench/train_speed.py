@@ -138,8 +138,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     run(MODEL_BOUND, trainer, endless(bucketed, generated))
     if args.manifest:
-        dataset = SpeechDataset(trainer.train_utts, trainer.vocab, data.speed_perturb, data.noise_snr_db,
-                                data.noise_prob, data.noise_exponent)
+        dataset = SpeechDataset(trainer.train_utts, trainer.vocab, data)
         run(INPUT_BOUND, trainer, endless(bucketed, lambda s: DataLoader(
             dataset, batch_sampler=s, collate_fn=collate, num_workers=data.num_workers,
             pin_memory=device.type == "cuda")))

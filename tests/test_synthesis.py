@@ -1,0 +1,199 @@
+"""Synthetic speech: every installed engine speaks and follows speed and pitch, plans are deterministic,
+corpora are resumable, and a failing engine says which engine, which file and why."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import asr.synthesis as synthesis
+from asr.synthesis import (ENGINES, SynthesisError, SynthesisJob, Voice, available_voices, build_corpus,
+                           plan_jobs, synthesize)
+from .conftest import require_system_tools
+
+INSTALL = "recipes/synthetic/install.sh installs it"
+# pitch settings far apart for the engines that control pitch (SynthesisJob.pitch's units differ by engine)
+LOW_HIGH_PITCH = {"espeak-ng": (25, 80), "flite": (90, 150), "mbrola": (25, 80), "festival": (0.8, 1.25),
+                  "pico": (0.8, 1.25)}
+
+
+@pytest.fixture(scope="module")
+def installed() -> dict[str, list[Voice]]:
+    voices: dict[str, list[Voice]] = {}
+    for v in available_voices():
+        voices.setdefault(v.engine, []).append(v)
+    return voices
+
+
+def voices_of(installed: dict[str, list[Voice]], engine: str) -> list[Voice]:
+    """The engine's voices, or a skip (espeak-ng and flite: a failure under ASR_STRICT_TESTS, CI installs them)."""
+    if engine in ("espeak-ng", "flite"):
+        require_system_tools([] if engine in installed else [engine])
+    elif engine not in installed:
+        pytest.skip(f"{engine} is not installed ({INSTALL})")
+    return installed[engine]
+
+
+def loud(wave: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(wave ** 2)))
+
+
+def median_f0(wave: np.ndarray, rate: int) -> float:
+    """Median F0 (autocorrelation peak, 60-400 Hz) of the loudest 40 ms frames, mostly vowels."""
+    n = int(0.04 * rate)
+    frames = wave[: len(wave) // n * n].reshape(-1, n)
+    frames = frames[(frames ** 2).mean(1) > 0.3 * (frames ** 2).mean(1).max()]
+    lags = np.arange(rate // 400, rate // 60)
+    f0 = []
+    for f in frames - frames.mean(1, keepdims=True):
+        ac = np.correlate(f, f, "full")[n - 1:][lags] / (n - lags)
+        f0.append(rate / lags[np.argmax(ac >= 0.9 * ac.max())])  # the shortest lag near the best: no octave errors
+    return float(np.median(f0))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_speaks_short_texts_reproducibly(engine, installed, tmp_path):
+    voices = voices_of(installed, engine)
+    chosen = sorted({voices[0], voices[-1]}, key=lambda v: v.id)
+    jobs = plan_jobs(["seven", "hello world"], chosen, seed=3)
+    utts = build_corpus(jobs, tmp_path / "a", tmp_path / "a.jsonl", sample_rate=16_000, workers=2)
+    assert [u.id for u in utts] == [j.key for j in jobs]
+    for u in utts:
+        wave, rate = sf.read(u.audio_filepath, dtype="float32")
+        assert rate == 16_000
+        assert 0.15 < u.duration < 3.0, (u.id, u.duration)
+        assert loud(wave) > 0.02, f"{u.id} is (nearly) silent"
+    again = synthesize(jobs[-1], tmp_path / "b")  # the same job elsewhere: the same audio
+    assert np.array_equal(sf.read(again.audio_filepath)[0], sf.read(utts[-1].audio_filepath)[0])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_follows_speed_and_pitch(engine, installed, tmp_path):
+    voices = voices_of(installed, engine)
+    with_pitch = [v for v in voices if not synthesis._fixed_pitch(v)][:1]
+    without = [v for v in voices if synthesis._fixed_pitch(v)][:1]  # festival's HTS voices take speed otherwise
+    for voice in with_pitch + without:
+        normal = plan_jobs(["hello world"], [voice])[0].pitch
+        slow, fast = (synthesize(SynthesisJob(f"{voice.id}_s{s}", "hello world", voice, s, normal, 0.5), tmp_path)
+                      for s in (0.75, 1.3))
+        assert slow.duration > 1.2 * fast.duration, (voice, slow.duration, fast.duration)
+    if engine in LOW_HIGH_PITCH:
+        low, high = (sf.read(synthesize(SynthesisJob(f"p{p}", "hello world", with_pitch[0], 1.0, p), tmp_path)
+                             .audio_filepath, dtype="float32")[0] for p in LOW_HIGH_PITCH[engine])
+        assert median_f0(high, 16_000) > 1.15 * median_f0(low, 16_000)
+
+
+def test_espeak_and_flite_plans_and_ids_are_unchanged():
+    """Existing recipes' files: the same keys, speeds and pitches as before the other engines came."""
+    voices = [Voice("espeak-ng", "en-us+m1"), Voice("flite", "slt"), Voice("flite", "kal16")]
+    assert [v.id for v in voices] == ["espeakng_enus_m1", "flite_slt", "flite_kal16"]
+    assert [(j.key, j.speed, j.pitch) for j in plan_jobs(["one"], voices, copies=2, seed=0, prefix="digit")] == [
+        ("digit000000_espeakng_enus_m1_0", 0.91, 37.0), ("digit000000_espeakng_enus_m1_1", 1.067, 62.5),
+        ("digit000000_flite_slt_0", 1.036, 182.3), ("digit000000_flite_slt_1", 0.958, 192.9),
+        ("digit000000_flite_kal16_0", 1.228, 111.5), ("digit000000_flite_kal16_1", 1.235, 134.4)]
+
+
+ONE_VOICE_PER_ENGINE = [Voice("espeak-ng", "en-us+m1"), Voice("flite", "awb"), Voice("mbrola", "mb-us1"),
+                        Voice("festival", "kal_diphone"), Voice("festival", "cmu_us_slt_arctic_hts"),
+                        Voice("pico", "en-GB"), Voice("piper", "en_US-joe-medium")]
+
+
+def test_plans_are_deterministic_per_key_and_sensible_per_engine():
+    texts = ["one", "two three"]
+    jobs = plan_jobs(texts, ONE_VOICE_PER_ENGINE, copies=20, seed=5)
+    assert jobs == plan_jobs(texts, ONE_VOICE_PER_ENGINE, copies=20, seed=5)
+    assert set(jobs) == set(plan_jobs(texts, ONE_VOICE_PER_ENGINE[::-1], copies=20, seed=5))  # order-free
+    assert [j.key for j in jobs] == [j.key for j in plan_jobs(texts, ONE_VOICE_PER_ENGINE, copies=20, seed=6)]
+    assert jobs != plan_jobs(texts, ONE_VOICE_PER_ENGINE, copies=20, seed=6)
+    assert len({j.key for j in jobs}) == len(jobs) == 2 * 7 * 20
+    pitch_range = {"espeak-ng": (30, 75), "flite": (85, 140), "mbrola": (30, 75), "festival": (0.85, 1.2),
+                   "pico": (0.85, 1.2)}
+    for j in jobs:
+        assert 0.8 <= j.speed <= 1.25
+        if synthesis._fixed_pitch(j.voice):
+            assert j.pitch == 1.0
+        else:
+            lo, hi = pitch_range[j.voice.engine]
+            assert lo <= j.pitch <= hi, j
+        assert (0.4 <= j.noise <= 0.9) if j.voice.engine == "piper" else j.noise == 0.0
+    assert len({j.pitch for j in jobs if j.voice.engine == "pico"}) > 10  # varied, not rounded away
+
+
+def fake_engine(calls: list[str], fail_key: str | None = None):
+    """Stands in for the engines: a tone per job, recording which jobs ran."""
+    def run(job: SynthesisJob, tmp: Path) -> tuple[np.ndarray, int]:
+        calls.append(job.key)
+        if job.key == fail_key:
+            raise SynthesisError(f"fake failed for {job.key}")
+        t = np.arange(int(22_050 * 0.3 * len(job.text))) / 22_050
+        return (0.3 * np.sin(2 * np.pi * 220 * job.speed * t)).astype(np.float32), 22_050
+    return run
+
+
+def test_build_corpus_resumes_and_leaves_finished_files_untouched(tmp_path, monkeypatch):
+    jobs = plan_jobs(["one", "two", "three"], [Voice("espeak-ng", "en-us+m1"), Voice("pico", "en-US")], seed=1)
+    calls: list[str] = []
+    monkeypatch.setattr(synthesis, "_run_engine", fake_engine(calls, fail_key=jobs[2].key))
+    with pytest.raises(SynthesisError, match=jobs[2].key):
+        build_corpus(jobs, tmp_path, tmp_path / "m.jsonl", workers=1)
+    done = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.flac")}
+    assert {f"{j.key}.flac" for j in jobs[:2]} <= set(done) and f"{jobs[2].key}.flac" not in done
+    assert not (tmp_path / "m.jsonl").exists()
+    (tmp_path / f"{jobs[2].key}.tmp.flac").write_bytes(b"half a file from a killed run")
+
+    calls.clear()
+    monkeypatch.setattr(synthesis, "_run_engine", fake_engine(calls))
+    utts = build_corpus(jobs, tmp_path, tmp_path / "m.jsonl", workers=2)
+    assert jobs[2].key in calls and sorted(calls) == sorted(j.key for j in jobs if f"{j.key}.flac" not in done)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.flac") if p.name in done} == done
+    assert [json.loads(line)["text"] for line in (tmp_path / "m.jsonl").read_text().splitlines()] == \
+        [j.text for j in jobs]
+    assert all(sf.info(u.audio_filepath).samplerate == 16_000 for u in utts)
+
+    calls.clear()
+    build_corpus(jobs, tmp_path, tmp_path / "m.jsonl")
+    assert calls == []
+
+
+def test_failing_engine_names_engine_key_and_its_error(installed, tmp_path):
+    voices_of(installed, "espeak-ng")
+    job = SynthesisJob("syn_bad_voice", "hello", Voice("espeak-ng", "nonexistent"), 1.0, 50)
+    with pytest.raises(SynthesisError, match=r"espeak-ng failed for syn_bad_voice .*does not exist"):
+        synthesize(job, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_festival_error_is_caught_though_it_exits_0(installed, tmp_path):
+    voices_of(installed, "festival")
+    job = SynthesisJob("syn_fest", "hello", Voice("festival", "no_such_voice"), 1.0, 1.0)
+    with pytest.raises(SynthesisError, match=r"festival failed for syn_fest .*unbound variable"):
+        synthesize(job, tmp_path)
+
+
+def test_missing_engines_give_no_voices_and_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no program found
+    assert available_voices(("espeak-ng", "flite", "mbrola", "festival", "pico")) == []
+    for voice in (Voice("pico", "en-US"), Voice("festival", "kal_diphone")):
+        with pytest.raises(SynthesisError, match=f"{voice.engine} failed for k1 .*No such file"):
+            synthesize(SynthesisJob("k1", "hi", voice, 1.0, 1.0), tmp_path)
+    with pytest.raises(SynthesisError, match="unknown engine 'nope' for k2"):
+        synthesize(SynthesisJob("k2", "hi", Voice("nope", "x"), 1.0, 1.0), tmp_path)
+    with pytest.raises(SynthesisError, match="piper failed for k3 .*no piper model 'no-such-model'"):
+        synthesize(SynthesisJob("k3", "hi", Voice("piper", "no-such-model"), 1.0, 1.0), tmp_path)
+
+
+def test_piper_voices_from_a_folder_one_per_speaker(tmp_path, monkeypatch):
+    if not (importlib.util.find_spec("piper") and importlib.util.find_spec("onnx")):
+        pytest.skip(f"piper-tts or onnx is not installed ({INSTALL})")
+    (tmp_path / "xx_XX-many-low.onnx").write_bytes(b"")
+    (tmp_path / "xx_XX-many-low.onnx.json").write_text(json.dumps({"num_speakers": 3}))
+    (tmp_path / "no-config.onnx").write_bytes(b"")
+    monkeypatch.setenv("ASR_PIPER_VOICES", str(tmp_path))
+    names = [v.name for v in available_voices(("piper",))]
+    assert [n for n in names if n.startswith("xx_XX")] == [f"xx_XX-many-low+{s}" for s in range(3)]
+    assert "no-config" not in names
