@@ -145,10 +145,19 @@ def cmd_lm(args: argparse.Namespace) -> None:
               f"stored in {args.model}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .onnx_export import export_onnx
+
+    try:
+        print(export_onnx(args.model, args.out))
+    except ImportError as e:
+        sys.exit(f"asr export: error: {e}")
+
+
 def cmd_transcribe(args: argparse.Namespace) -> None:
     from .transcribe import load_model
 
-    model = load_model(args.model, device=args.device, lm=args.lm)
+    model = load_model(args.model, device=args.device, lm=args.lm, backend=args.backend)
     opts = _decoder_options(args)
     failed = 0
     for path in args.audio:
@@ -235,12 +244,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("transcribe", help="transcribe audio files",
                        description="Transcribe wav/flac/ogg/opus/mp3 files (any rate, any channels).")
     p.add_argument("audio", nargs="+", help="audio files")
-    p.add_argument("--model", help="model folder (default: $ASR_MODEL)")
+    p.add_argument("--model", help="model folder (default: $ASR_MODEL, else the model shipped with the package)")
     p.add_argument("--format", choices=FORMATS, default="txt")
     p.add_argument("--chunk-seconds", type=float, default=30.0, help="window length for long audio")
     p.add_argument("--device", default="auto")
+    p.add_argument("--backend", choices=["auto", "onnx", "torch"],
+                   help="what runs the network (default: $ASR_BACKEND or auto: onnxruntime on the CPU when the "
+                        "model folder has model.onnx, else torch)")
     _add_decoder_arguments(p)
     p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser("export", help="export the network to ONNX for onnxruntime",
+                       description="Write the network after the log-mel features as ONNX (dynamic batch and time), "
+                                   "atomically, checked against torch. load_model / asr transcribe then use it "
+                                   "on the CPU.")
+    p.add_argument("model", help="model folder (e.g. exp/fsdd/best)")
+    p.add_argument("--out", help="ONNX file to write (default: MODEL/model.onnx)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

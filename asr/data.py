@@ -81,13 +81,13 @@ def read_manifest(path: str | os.PathLike) -> list[Utterance]:
 
 
 def write_manifest(utterances: Sequence[Utterance], path: str | os.PathLike) -> None:
-    """Write a JSON-lines manifest atomically."""
+    """Write a JSON-lines manifest atomically (audio paths made absolute, so it can be read from anywhere)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         for u in utterances:
-            f.write(json.dumps({"audio_filepath": u.audio_filepath, "duration": round(u.duration, 4),
+            f.write(json.dumps({"audio_filepath": os.path.abspath(u.audio_filepath), "duration": round(u.duration, 4),
                                 "text": u.text, "id": u.id}) + "\n")
     os.replace(tmp, path)
 

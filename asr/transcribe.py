@@ -13,16 +13,16 @@ import torch
 
 from .audio import SAMPLE_RATE, AudioInput, load_audio
 from .beam_search import BeamSearchDecoder, BeamSearchOptions
-from .checkpoint import CheckpointError, load_model_files
+from .checkpoint import DECODER_FILE, LM_DIR, CheckpointError, load_model_files
 from .decoding import Transcription, greedy_decode
 from .device import resolve_device
 from .lm import LanguageModel
 from .model import DeepSpeech2
+from .onnx_export import OnnxNetwork, load_onnx_network
+from .packaging import default_model_dir
 from .text import Vocabulary
 
 DEFAULT_MODEL_ENV = "ASR_MODEL"
-DECODER_FILE = "decoder.json"  # in a model folder: beam search settings chosen by `asr lm tune`
-LM_DIR = "lm"  # in a model folder: its language model
 
 
 @dataclass
@@ -51,8 +51,10 @@ class ASRModel:
     """A trained recognizer: weights, vocabulary and settings, ready to transcribe."""
 
     def __init__(self, model: DeepSpeech2, vocab: Vocabulary, meta: dict | None = None,
-                 lm: LanguageModel | None = None, beam_options: BeamSearchOptions | None = None):
+                 lm: LanguageModel | None = None, beam_options: BeamSearchOptions | None = None,
+                 onnx: OnnxNetwork | None = None):
         self.model = model.eval()
+        self.onnx = onnx  # when set, onnxruntime runs the network after the (torch) features
         self.vocab = vocab
         self.meta = meta or {}
         self.lm = lm
@@ -63,6 +65,17 @@ class ASRModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def backend(self) -> str:
+        """What runs the network: "onnx" (onnxruntime) or "torch"."""
+        return "torch" if self.onnx is None else "onnx"
+
+    def _network(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded 16 kHz waveforms -> CTC log-probabilities and frame counts, by the chosen backend."""
+        if self.onnx is None:
+            return self.model(waves.to(self.device), lengths.to(self.device))
+        return self.onnx(*self.model.features(waves, lengths))
 
     @property
     def frame_seconds(self) -> float:
@@ -96,7 +109,7 @@ class ASRModel:
             batch = torch.zeros(len(idx), int(lengths.max()))
             for row, k in enumerate(idx):
                 batch[row, : lengths[row]] = windows[k].wave
-            log_probs, out_lengths = self.model(batch.to(self.device), lengths.to(self.device))
+            log_probs, out_lengths = self._network(batch, lengths)
             for row, k in enumerate(idx):
                 outputs[k] = log_probs[row, : out_lengths[row]].cpu()
         per_frame = self._samples_per_frame()
@@ -179,20 +192,23 @@ class ASRModel:
 
 
 def load_model(path: str | os.PathLike | None = None, device: str = "auto",
-               lm: str | os.PathLike | None = None) -> ASRModel:
+               lm: str | os.PathLike | None = None, backend: str | None = None) -> ASRModel:
     """Load a model folder written by training (e.g. `exp/fsdd/best`).
 
-    With no path, the folder named by the ASR_MODEL environment variable is used. The language
-    model for beam search is `lm`, else the model folder's own `lm/` (see `asr lm tune`); the beam
-    settings tuned for it come from the folder's decoder.json.
+    With no path: the folder named by the ASR_MODEL environment variable, else the English model that
+    ships with the package. The language model for beam search is `lm`, else the model folder's own
+    `lm/` (see `asr lm tune`); the beam settings tuned for it come from the folder's decoder.json.
+    `backend` ("auto", "onnx", "torch"; default $ASR_BACKEND or "auto"): on the CPU, "auto" runs the
+    network with onnxruntime when the folder has an up-to-date model.onnx (`asr export`), else torch.
     """
     if path is None:
-        path = os.environ.get(DEFAULT_MODEL_ENV)
+        path = os.environ.get(DEFAULT_MODEL_ENV) or default_model_dir()
         if not path:
-            raise FileNotFoundError(f"no model path given and ${DEFAULT_MODEL_ENV} is not set; "
-                                    "train one with a recipe (see README) and pass its best/ folder")
+            raise FileNotFoundError(f"no model path given, ${DEFAULT_MODEL_ENV} is not set and this installation "
+                                    "has no default model; train one with a recipe (see README) and pass its best/")
     path = Path(path)
     model, vocab, meta = load_model_files(path, resolve_device(device))
+    onnx = load_onnx_network(path, backend, next(model.parameters()).device)
     if lm is None and (path / LM_DIR).is_dir():
         lm = path / LM_DIR
     language_model = LanguageModel.load(lm) if lm is not None else None
@@ -202,4 +218,4 @@ def load_model(path: str | os.PathLike | None = None, device: str = "auto",
             beam = BeamSearchOptions(**json.loads((path / DECODER_FILE).read_text())["beam"])
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path / DECODER_FILE}: not valid decoder settings ({e})") from None
-    return ASRModel(model, vocab, meta, language_model, beam)
+    return ASRModel(model, vocab, meta, language_model, beam, onnx)

@@ -110,3 +110,23 @@ def test_manifest_recipe(tmp_path, tone_corpus):
     (data / "dev.jsonl").write_text(lines)
     run_recipe("manifest", "--data", data, "--out", tmp_path / "exp")
     check_outputs(tmp_path / "exp", ["dev"])
+
+
+def test_english_recipe_pretrains_on_synthetic_speech_fine_tunes_and_ships(tmp_path):
+    import shutil
+
+    require_system_tools([t for t in ("espeak-ng",) if shutil.which(t) is None])
+    _kaldi_split(tmp_path / "so" / "train", ["WE CALL IT BEAR", "ONE TWO", "A CAB"] * 2)
+    _kaldi_split(tmp_path / "so" / "dev", ["ONE TWO", "BEAR"])
+    write_fake_fsdd(tmp_path / "fsdd", takes=2)
+    text = tmp_path / "sentences.txt"
+    text.write_text("The cat sat.\nA dog ran home.\nWe like tea.\nShe is here.\nGo to bed now.\n")
+    ship = tmp_path / "shipped"
+    out = run_recipe("english", "--data", tmp_path / "so", "--fsdd", tmp_path / "fsdd", "--out", tmp_path / "exp",
+                     "--mode", "finetune", "--pretrain-epochs", 1, "--tts-text", text, "--tts-engines", "espeak-ng",
+                     "--train-sentences", 3, "--dev-sentences", 1, "--ship", ship)
+    assert "initialised from" in out.stdout and str(tmp_path / "exp" / "pretrain" / "best") in out.stdout
+    check_outputs(tmp_path / "exp", ["dev", "fsdd-theo-unseen", "synthetic-dev-voices"])
+    assert len((tmp_path / "exp" / "manifests" / "train_real.jsonl").read_text().splitlines()) == 6 + 20
+    assert (tmp_path / "exp" / "pretrain" / "best" / "model.safetensors").exists()
+    assert asr.load_model(ship).transcribe(tone_speech("one"), sample_rate=16000).duration > 0

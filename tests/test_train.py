@@ -92,3 +92,20 @@ def test_restart_discards_the_old_run(tone_corpus, tmp_path):
     again.fit(resume=False)
     assert again.step == 3 and again.latest_checkpoint().name == "step-00000003"
     assert [r["step"] for r in csv.DictReader(open(tmp_path / "r" / "eval_log.csv"))] == ["3"]
+
+
+def test_init_from_starts_at_the_given_weights_and_refuses_another_architecture(trained_tiny_model, tone_corpus,
+                                                                              tmp_path):
+    from asr.checkpoint import CheckpointError
+
+    source = load_file(trained_tiny_model / "model.safetensors")
+    config = load_config(None, TINY_OVERRIDES + [f"train.init_from={trained_tiny_model}", "train.lr=0",
+                                                 "train.max_steps=1", "model.dropout=0.3"])
+    result = Trainer(config, tone_corpus, tone_corpus, tmp_path / "ft", progress=False).fit()
+    tuned = load_file(result.best_dir / "model.safetensors")
+    # BatchNorm statistics move with the one step in train mode; the weights must not
+    assert all(torch.equal(source[k], tuned[k]) for k in source if not k.endswith(("num_batches_tracked", "running_mean", "running_var")))
+    assert result.best_wer == 0.0  # the trained model's accuracy carries over
+    config = load_config(None, TINY_OVERRIDES + [f"train.init_from={trained_tiny_model}", "model.gru_hidden=24"])
+    with pytest.raises(CheckpointError, match="gru_hidden"):
+        Trainer(config, tone_corpus, tone_corpus, tmp_path / "bad", progress=False).fit()

@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=2, help="--mode finetune: epochs on synthetic speech")
     parser.add_argument("--train-sentences", type=int, default=6000, help="synthetic training sentences")
     parser.add_argument("--dev-sentences", type=int, default=300, help="synthetic dev sentences (held-out voices)")
+    parser.add_argument("--tts-text", nargs="+", default=[str(p) for p in TTS_TEXT], help="sentence files to synthesise")
+    parser.add_argument("--tts-engines", nargs="+", help="only these TTS engines (default: every installed one)")
     parser.add_argument("--synthetic", help="synthetic corpus folder (default OUT/synthetic; shared between runs)")
     parser.add_argument("--ship", nargs="?", const=str(DEFAULT_MODEL_DIR), metavar="DIR",
                         help=f"store the best model and its LM as the default model (default {DEFAULT_MODEL_DIR})")
@@ -54,8 +56,8 @@ def main() -> None:
     out = Path(args.out)
     command = shlex.join(["python", *sys.argv])
 
-    corpus = make_tts_corpus(args.synthetic or out / "synthetic", TTS_TEXT, args.train_sentences, args.dev_sentences,
-                             progress=lambda desc: lambda it, total: tqdm(it, total=total, desc=desc,
+    corpus = make_tts_corpus(args.synthetic or out / "synthetic", args.tts_text, args.train_sentences,
+                             args.dev_sentences, engines=args.tts_engines, progress=lambda desc: lambda it, total: tqdm(it, total=total, desc=desc,
                                                                           disable=args.no_progress))
     manifests = out / "manifests"
     so_train = prepare_kaldi(Path(args.data) / "train", manifests / "so762_train.jsonl")
