@@ -35,10 +35,11 @@ def check_outputs(out_dir: Path, sets: list[str]) -> None:
 
 def test_fsdd_recipe(tmp_path):
     write_fake_fsdd(tmp_path / "fsdd", takes=3)
-    run_recipe("fsdd", "--data", tmp_path / "fsdd", "--out", tmp_path / "exp")
+    run_recipe("fsdd", "--data", tmp_path / "fsdd", "--out", tmp_path / "exp", "--tts-voices", 0)
     check_outputs(tmp_path / "exp", ["dev", "test-theo-unseen"])
     _kaldi_split(tmp_path / "extra", ["ONE TWO", "A CAB", "SEVEN"])
-    out = run_recipe("fsdd", "--data", tmp_path / "fsdd", "--out", tmp_path / "exp2", "--extra-kaldi", tmp_path / "extra")
+    out = run_recipe("fsdd", "--data", tmp_path / "fsdd", "--out", tmp_path / "exp2", "--extra-kaldi", tmp_path / "extra",
+                     "--tts-voices", 0)
     assert "2 utterances with digit words added" in out.stdout
     assert len((tmp_path / "exp2" / "manifests" / "train_with_extra.jsonl").read_text().splitlines()) == 40 + 2
 

@@ -1,11 +1,12 @@
 """Free Spoken Digit Dataset: train on four speakers, test on the fifth (speaker-disjoint).
 
-    python recipes/fsdd/run.py --out exp/fsdd            # data from $FSDD_DIR or ../shared/data/fsdd
+    python recipes/fsdd/run.py --out exp/fsdd --beam     # data from $FSDD_DIR or ../shared/data/fsdd
 
 With --extra-kaldi DIR (e.g. ../shared/data/speechocean762/train), the utterances of that Kaldi folder
 that contain digit words are added to the training set: many more voices saying digits.
-With --tts-voices N, N espeak-ng voices and every flite voice say each digit --tts-copies times (random
-speed and pitch, 8 kHz like FSDD) and join the training set: synthetic voices, never the test speaker.
+By default 40 espeak-ng voices and every flite voice say each digit --tts-copies times (random speed and
+pitch, 8 kHz like FSDD) and join the training set: synthetic voices, never the test speaker
+(--tts-voices N sets the number, 0 trains on the four real speakers alone).
 """
 
 import random
@@ -41,7 +42,8 @@ def main() -> None:
     parser = recipe_arguments(__doc__, "FSDD_DIR", str(HERE.parents[1].parent / "shared/data/fsdd"), HERE / "cpu.yaml")
     parser.add_argument("--test-speaker", default="theo", help="speaker held out for the test set")
     parser.add_argument("--extra-kaldi", help="Kaldi data folder whose utterances with digit words join training")
-    parser.add_argument("--tts-voices", type=int, default=0, help="espeak-ng voices (besides flite's) saying digits")
+    parser.add_argument("--tts-voices", type=int, default=40,
+                        help="espeak-ng voices (besides flite's) saying digits; 0: real speech only")
     parser.add_argument("--tts-copies", type=int, default=3, help="takes of each digit per synthetic voice")
     args = parser.parse_args()
     out = Path(args.out) / "manifests"
