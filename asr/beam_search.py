@@ -19,6 +19,7 @@ from .lm import LanguageModel
 from .text import BLANK, Vocabulary, normalize_text
 
 _BLANK, _SEP = "-", "|"  # flashlight's names for the CTC blank and the word separator
+NBEST = 4  # lexicon search: the best hypothesis whose tokens spell its words wins
 
 
 @dataclass
@@ -83,10 +84,16 @@ class BeamSearchDecoder:
                 boosts = {word_dict.get_index(w): opts.hotword_weight for w in hot}
                 lm_arg = _boosted_lm(KenLM(str(lm.binary), word_dict), boosts)
         self._decoder = ctc_decoder(
-            lexicon=str(lexicon) if lexicon else None, tokens=tokens, lm=lm_arg, nbest=1,
+            lexicon=str(lexicon) if lexicon else None, tokens=tokens, lm=lm_arg, nbest=NBEST if lexicon else 1,
             beam_size=opts.beam_size, beam_size_token=opts.beam_size_token, beam_threshold=opts.beam_threshold,
             lm_weight=opts.lm_weight if lexicon else 0.0, word_score=opts.word_score, unk_word="<unk>",
             unk_score=opts.unk_score, sil_score=0.0, blank_token=_BLANK, sil_token=_SEP, log_add=False)
+
+    def _spells_its_words(self, hyp) -> bool:
+        """Whether a lexicon hypothesis's tokens spell exactly its words. Flashlight's lexicon search
+        sometimes ends on a word whose spelling it never finished (tokens "hole f e", words "hole fee")."""
+        chars = "".join(self.vocab.tokens[i] for i in hyp.tokens.tolist() if i != self.vocab.blank)
+        return chars.split() == list(hyp.words)
 
     def decode(self, log_probs: torch.Tensor, lengths: torch.Tensor, frame_seconds: float,
                time_offset: float = 0.0) -> list[Transcription]:
@@ -98,7 +105,7 @@ class BeamSearchDecoder:
             if not hyps:
                 out.append(Transcription(""))
                 continue
-            best = hyps[0]
+            best = next((h for h in hyps if self._spells_its_words(h)), hyps[0])
             last = max(0, int(lengths[b]) - 1)  # the closing separator may sit one frame past the end
             ids, frames = best.tokens.tolist(), [min(int(t), last) for t in best.timesteps.tolist()]
             keep = [k for k, i in enumerate(ids) if i != self.vocab.blank]
