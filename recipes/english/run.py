@@ -56,9 +56,11 @@ def main() -> None:
     out = Path(args.out)
     command = shlex.join(["python", *sys.argv])
 
+    def progress(desc: str):
+        return lambda it, total: tqdm(it, total=total, desc=desc, disable=args.no_progress)
+
     corpus = make_tts_corpus(args.synthetic or out / "synthetic", args.tts_text, args.train_sentences,
-                             args.dev_sentences, engines=args.tts_engines, progress=lambda desc: lambda it, total: tqdm(it, total=total, desc=desc,
-                                                                          disable=args.no_progress))
+                             args.dev_sentences, engines=args.tts_engines, progress=progress)
     manifests = out / "manifests"
     so_train = prepare_kaldi(Path(args.data) / "train", manifests / "so762_train.jsonl")
     so_dev = prepare_kaldi(Path(args.data) / "dev", manifests / "so762_dev.jsonl")
