@@ -90,10 +90,10 @@ class BeamSearchDecoder:
             unk_score=opts.unk_score, sil_score=0.0, blank_token=_BLANK, sil_token=_SEP, log_add=False)
 
     def _spells_its_words(self, hyp) -> bool:
-        """Whether a lexicon hypothesis's tokens spell exactly its words. Flashlight's lexicon search
+        """Whether a lexicon hypothesis's letters are exactly its words' letters. Flashlight's lexicon search
         sometimes ends on a word whose spelling it never finished (tokens "hole f e", words "hole fee")."""
         chars = "".join(self.vocab.tokens[i] for i in hyp.tokens.tolist() if i != self.vocab.blank)
-        return chars.split() == list(hyp.words)
+        return "".join(chars.split()) == "".join(hyp.words)  # it may also leave out a word separator
 
     def decode(self, log_probs: torch.Tensor, lengths: torch.Tensor, frame_seconds: float,
                time_offset: float = 0.0) -> list[Transcription]:
@@ -105,17 +105,18 @@ class BeamSearchDecoder:
             if not hyps:
                 out.append(Transcription(""))
                 continue
-            best = next((h for h in hyps if self._spells_its_words(h)), hyps[0])
+            spelled = [h for h in hyps if self._spells_its_words(h)]
+            best = spelled[0] if spelled else hyps[0]  # none: the tokens' spelling is the answer
             last = max(0, int(lengths[b]) - 1)  # the closing separator may sit one frame past the end
             ids, frames = best.tokens.tolist(), [min(int(t), last) for t in best.timesteps.tolist()]
             keep = [k for k, i in enumerate(ids) if i != self.vocab.blank]
-            chars = [self.vocab.tokens[ids[k]] for k in keep]
-            probs = [math.exp(float(emissions[b, frames[k], ids[k]])) for k in keep]
-            result = words_from_emissions(chars, [frames[k] for k in keep], probs, self.vocab, frame_seconds,
-                                          time_offset)
-            if self.options.lexicon and best.words:  # the lexicon's words; characters only give their times
-                for w, word in zip(result.words, best.words):
-                    w.word = word
-                result.text = " ".join(best.words)
-            out.append(result)
+            emitted = [(self.vocab.tokens[ids[k]], frames[k], math.exp(float(emissions[b, frames[k], ids[k]])))
+                       for k in keep]
+            if spelled:  # the lexicon's word boundaries, whether or not a separator was emitted
+                letters, emitted, start = [e for e in emitted if e[0] != " "], [], 0
+                for word in best.words:
+                    emitted += letters[start: start + len(word)] + [(" ", 0, 0.0)]
+                    start += len(word)
+            chars, at, probs = (list(x) for x in zip(*emitted)) if emitted else ([], [], [])
+            out.append(words_from_emissions(chars, at, probs, self.vocab, frame_seconds, time_offset))
         return out
