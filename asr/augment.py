@@ -56,6 +56,10 @@ class AugmentOptions:
                     or self.reverb_prob or self.eq_prob or self.telephone_prob or self.codec_prob)
 
 
+def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
 def coloured_noise(samples: int, exponent: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Unit-variance noise whose power goes as f**exponent: -2 brown, -1 pink, 0 white, 1 blue."""
     spectrum = torch.fft.rfft(torch.randn(samples, generator=generator))
@@ -103,7 +107,7 @@ def colour(wave: torch.Tensor, sample_rate: int, gain_db: float, generator: torc
            ) -> torch.Tensor:
     """A random microphone/channel: 1-3 peaking filters, a bass and a treble shelf, gains within ±gain_db."""
     def draw(low: float, high: float) -> float:
-        return low + (high - low) * float(torch.rand((), generator=generator))
+        return _uniform(low, high, generator)
 
     nyquist = sample_rate / 2
     for _ in range(1 + int(torch.randint(3, (), generator=generator))):
@@ -153,10 +157,10 @@ class Augmenter:
         o, sr = self.options, self.sample_rate
 
         def chance(p: float) -> bool:
-            return p > 0 and float(torch.rand((), generator=generator)) < p
+            return p > 0 and _uniform(0.0, 1.0, generator) < p
 
         def uniform(low: float, high: float) -> float:
-            return low + (high - low) * float(torch.rand((), generator=generator))
+            return _uniform(low, high, generator)
 
         if o.speed_perturb:
             factor = o.speed_perturb[int(torch.randint(len(o.speed_perturb), (), generator=generator))]

@@ -110,7 +110,8 @@ def kenlm_tools(source: str | os.PathLike | None = None, jobs: int | None = None
     return tools
 
 
-def _open_text(path: Path):
+def open_text(path: Path):
+    """A text file, plain or gzipped (.gz), for reading lines; bad bytes become U+FFFD."""
     return gzip.open(path, "rt", encoding="utf-8", errors="replace") if path.suffix == ".gz" else \
         open(path, encoding="utf-8", errors="replace")
 
@@ -123,7 +124,7 @@ def normalized_sentences(paths: Iterable[str | os.PathLike], vocab: Vocabulary) 
         if not path.exists():
             raise LMError(f"{path}: text file not found")
         is_manifest = ".jsonl" in path.suffixes
-        with _open_text(path) as f:
+        with open_text(path) as f:
             for line in f:
                 if is_manifest:
                     line = json.loads(line).get("text", "") if line.strip() else ""

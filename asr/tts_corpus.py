@@ -8,7 +8,6 @@ same corpus, whatever the number of workers.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import math
@@ -25,6 +24,7 @@ import torch
 from .audio import SAMPLE_RATE, load_audio
 from .augment import Augmenter, AugmentOptions
 from .data import Utterance, write_manifest
+from .lm import open_text
 from .synthesis import SynthesisJob, Voice, available_voices, build_corpus, plan_jobs, require_engines
 from .text import normalize_text
 
@@ -51,8 +51,7 @@ def read_sentences(paths: Sequence[str | os.PathLike], min_words: int = 2, max_w
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: sentence file not found")
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        with open_text(path) as f:
             for line in f:
                 line = " ".join(line.split())
                 if not line or any(c.isdigit() for c in line):
