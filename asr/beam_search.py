@@ -25,7 +25,7 @@ NBEST = 4  # lexicon search: the best hypothesis whose tokens spell its words wi
 @dataclass
 class BeamSearchOptions:
     beam_size: int = 50  # hypotheses kept per frame
-    beam_size_token: int | None = 8  # most likely tokens tried per frame (None: all)
+    beam_size_token: int | None = 3  # most likely tokens tried per frame (None: all)
     beam_threshold: float = 10.0  # drop hypotheses this far (log) below the best
     lm_weight: float = 0.5  # alpha: weight of the LM's log10-probability
     word_score: float = 0.0  # beta: bonus per word (counters the LM's preference for few words)

@@ -67,7 +67,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     if args.corpus == "fsdd":
-        paths = corpora.prepare_fsdd(args.data, out, test_speaker=args.test_speaker)
+        if len(args.data) != 1:
+            raise CorpusError(f"fsdd takes one --data folder, got {len(args.data)}: {' '.join(args.data)}")
+        paths = corpora.prepare_fsdd(args.data[0], out, test_speaker=args.test_speaker)
     elif args.corpus == "kaldi":
         paths = {Path(d).name: corpora.prepare_kaldi(d, out / f"{Path(d).name}.jsonl") for d in args.data}
     else:
@@ -123,7 +125,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_lm(args: argparse.Namespace) -> None:
-    from .lm import build_lm, kenlm_tools
+    from .lm import LanguageModel, build_lm, kenlm_tools, perplexity
     from .transcribe import load_model
     from .tune import store_decoder, tune_beam
 
@@ -131,9 +133,13 @@ def cmd_lm(args: argparse.Namespace) -> None:
         print("\n".join(map(str, kenlm_tools(args.kenlm_source, quiet=False))))
     elif args.lm_command == "build":
         info = build_lm(args.text, args.out, order=args.order, prune=args.prune, max_vocabulary=args.max_vocabulary,
-                        kenlm_source=args.kenlm_source)
+                        kenlm_source=args.kenlm_source, weights=args.weights)
         print(f"{args.out}: {info.order}-gram over {info.words:,} words of {info.sentences:,} sentences, "
               f"vocabulary {info.vocabulary:,}")
+    elif args.lm_command == "perplexity":
+        result = perplexity(LanguageModel.load(args.lm), args.text)
+        print(f"{args.lm}: perplexity {result.perplexity:.1f} on {result.words:,} words of {result.sentences:,} "
+              f"sentences (ends counted), {result.oov_rate:.2%} outside its vocabulary")
     else:
         model = load_model(args.model, device=args.device, lm=args.lm)
         tuned = tune_beam(model, args.manifest, args.lm_weights, args.word_scores, args.beam_size,
@@ -230,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--prune", type=int, nargs="*", default=[0, 0, 1], help="lmplz count thresholds per order")
     q.add_argument("--max-vocabulary", type=int, help="keep only this many most frequent words")
     q.add_argument("--kenlm-source", help="kenlm-*.tar.gz to build the tools from (default: download)")
+    q.add_argument("--weights", type=int, nargs="+", help="times to repeat each --text (default 1 each): "
+                   "weighs a small in-domain text up beside a large general one")
+    q = lm_sub.add_parser("perplexity", help="an LM's perplexity and out-of-vocabulary rate on text")
+    q.add_argument("--lm", required=True, help="LM folder (asr lm build)")
+    q.add_argument("--text", nargs="+", required=True, help="text files or .jsonl manifests (their text)")
     q = lm_sub.add_parser("tune", help="grid-search lm_weight and word_score on a dev manifest")
     q.add_argument("--model", required=True, help="model folder; gets lm/ and decoder.json")
     q.add_argument("--lm", required=True, help="LM folder (asr lm build)")

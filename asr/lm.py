@@ -141,17 +141,24 @@ class LMInfo:
     words: int  # running words of training text
     vocabulary: int
     sources: list[str]
+    weights: list[int] | None = None  # times each source was repeated (None: once each)
 
 
 def build_lm(texts: Sequence[str | os.PathLike], out_dir: str | os.PathLike, order: int = 4,
              prune: Sequence[int] = (0, 0, 1), max_vocabulary: int | None = None, memory: str = "20%",
-             vocab: Vocabulary | None = None, kenlm_source: str | os.PathLike | None = None) -> LMInfo:
+             vocab: Vocabulary | None = None, kenlm_source: str | os.PathLike | None = None,
+             weights: Sequence[int] | None = None) -> LMInfo:
     """Normalise `texts`, estimate a modified Kneser-Ney `order`-gram with lmplz, binarise it, write the folder.
 
     `prune` gives lmplz's count thresholds per order (e.g. 0 0 1: drop singleton trigrams and up);
-    `max_vocabulary` keeps only the most frequent words (others become <unk>).
+    `max_vocabulary` keeps only the most frequent words (others become <unk>); `weights` repeats each
+    text that many times, so that a small in-domain text counts for more beside a large general one.
     """
     vocab = vocab or Vocabulary()
+    if weights is not None:
+        weights = list(weights)
+        if len(weights) != len(texts) or any(not isinstance(w, int) or w < 1 for w in weights):
+            raise LMError(f"weights must be one positive whole number per text ({len(texts)}), got {weights}")
     lmplz, build_binary = kenlm_tools(kenlm_source)
     out = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="lm-") as tmp:
@@ -160,10 +167,11 @@ def build_lm(texts: Sequence[str | os.PathLike], out_dir: str | os.PathLike, ord
         counts: Counter[str] = Counter()
         sentences = 0
         with open(corpus, "w") as f:
-            for line in normalized_sentences(texts, vocab):
-                f.write(line + "\n")
-                counts.update(line.split())
-                sentences += 1
+            for text, weight in zip(texts, weights or [1] * len(texts)):
+                for line in normalized_sentences([text], vocab):
+                    f.write((line + "\n") * weight)
+                    counts.update({w: n * weight for w, n in Counter(line.split()).items()})
+                    sentences += weight
         if sentences == 0:
             raise LMError(f"no usable text in {', '.join(map(str, texts))}")
         words = [w for w, _ in counts.most_common(max_vocabulary)]
@@ -178,7 +186,7 @@ def build_lm(texts: Sequence[str | os.PathLike], out_dir: str | os.PathLike, ord
             proc = subprocess.run(step, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise LMError(f"{Path(step[0]).name} failed:\n{proc.stderr[-2000:]}")
-        info = LMInfo(order, sentences, sum(counts.values()), len(words), [str(t) for t in texts])
+        info = LMInfo(order, sentences, sum(counts.values()), len(words), [str(t) for t in texts], weights)
 
         def fill(d: Path) -> None:
             shutil.move(str(tmp / "lm.bin"), d / "lm.bin")
@@ -210,3 +218,38 @@ class LanguageModel:
         if not magic.startswith(b"mmap lm"):
             raise LMError(f"{binary}: not a KenLM binary file (damaged or of another kind)")
         return cls(folder, binary, lexicon, words.read_text().split())
+
+
+@dataclass
+class Perplexity:
+    perplexity: float  # per word, the end of each sentence counted as a word
+    words: int
+    sentences: int
+    oov_rate: float  # share of words outside the LM's vocabulary
+
+
+def perplexity(lm: LanguageModel, texts: Sequence[str | os.PathLike]) -> Perplexity:
+    """The LM's perplexity on text files or manifests (normalised as for build_lm), through flashlight's KenLM."""
+    from flashlight.lib.text.decoder.kenlm import KenLM
+    from flashlight.lib.text.dictionary import Dictionary
+
+    word_dict = Dictionary()
+    for w in ["<unk>", *lm.words]:
+        word_dict.add_entry(w)
+    word_dict.set_default_index(0)
+    model = KenLM(str(lm.binary), word_dict)
+    known = set(lm.words)
+    log10_prob, words, sentences, oov = 0.0, 0, 0, 0
+    for line in normalized_sentences(texts, Vocabulary()):
+        state = model.start(False)
+        for w in line.split():
+            state, score = model.score(state, word_dict.get_index(w))
+            log10_prob += score
+            oov += w not in known
+        _, score = model.finish(state)
+        log10_prob += score
+        words += len(line.split()) + 1
+        sentences += 1
+    if sentences == 0:
+        raise LMError(f"no usable text in {', '.join(map(str, texts))}")
+    return Perplexity(10 ** (-log10_prob / words), words, sentences, oov / (words - sentences))

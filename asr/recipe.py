@@ -33,6 +33,10 @@ def recipe_arguments(description: str, data_env: str, default_data: str, default
                         "built from the training transcripts (plus --lm-text), its weights tuned on dev")
     parser.add_argument("--lm-text", nargs="*", default=[], help="more LM text files (with --beam)")
     parser.add_argument("--lm-order", type=int, default=3, help="LM order (with --beam)")
+    parser.add_argument("--lm-text-weights", type=int, nargs="+", help="times to repeat the training transcripts "
+                        "and then each --lm-text in the LM's text (with --beam; default once each)")
+    parser.add_argument("--lm-prune", type=int, nargs="+", help="lmplz count thresholds per order (with --beam; "
+                        "default none)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
     return parser
 
@@ -62,7 +66,8 @@ def run_experiment(args: argparse.Namespace, train: Path, dev: Path, tests: dict
         rows[name] = evaluate_manifest(model.model, model.vocab, manifest, out / "eval" / name,
                                        progress=not args.no_progress)
     if args.beam:  # an LM from training text only; alpha/beta chosen on dev; every set scored again
-        build_lm([train, *args.lm_text], out / "lm", order=args.lm_order, prune=[0] * args.lm_order)
+        build_lm([train, *args.lm_text], out / "lm", order=args.lm_order, prune=args.lm_prune or [0] * args.lm_order,
+                 weights=args.lm_text_weights)
         model = load_model(result.best_dir, device=str(trainer.device), lm=out / "lm")
         store_decoder(result.best_dir, out / "lm", tune_beam(model, dev, progress=not args.no_progress))
         model = load_model(result.best_dir, device=str(trainer.device))

@@ -9,7 +9,7 @@ import torch
 
 import asr
 from asr.beam_search import BeamSearchDecoder, BeamSearchOptions
-from asr.lm import LanguageModel, LMError, build_lm, kenlm_tools, missing_build_requirements
+from asr.lm import LanguageModel, LMError, build_lm, kenlm_tools, missing_build_requirements, perplexity
 from asr.text import Vocabulary
 from asr.tune import store_decoder, tune_beam
 
@@ -138,6 +138,26 @@ def test_missing_or_corrupt_lm_gives_a_clear_error(tone_lm, trained_tiny_model, 
         build_lm([empty], tmp_path / "lm-empty")
     with pytest.raises(ValueError, match="needs a language model"):
         BeamSearchDecoder(VOCAB, None, BeamSearchOptions(lexicon=True))
+
+
+def test_weighted_text_lowers_perplexity_on_its_domain(tools, tmp_path):
+    """--weights repeats a small in-domain text: perplexity on that kind of sentence falls, and is reported."""
+    general = tmp_path / "general.txt"
+    general.write_text("\n".join(["the bad one is here", "dig a hole there", "an egg is bad"] * 30) + "\n")
+    domain = tmp_path / "domain.jsonl"
+    domain.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a bad egg", "dig a bad hole"]))
+    test = tmp_path / "test.txt"
+    test.write_text("a bad egg\ndig a bad hole\n")
+    plain = build_lm([general, domain], tmp_path / "plain", order=3, prune=[0, 0, 0])
+    weighted = build_lm([general, domain], tmp_path / "weighted", order=3, prune=[0, 0, 0], weights=[1, 20])
+    assert weighted.sentences == plain.sentences + 19 * 2 and weighted.weights == [1, 20]
+    assert json.loads((tmp_path / "weighted" / "lm.json").read_text())["weights"] == [1, 20]
+    before = perplexity(LanguageModel.load(tmp_path / "plain"), [test])
+    after = perplexity(LanguageModel.load(tmp_path / "weighted"), [test])
+    assert after.perplexity < 0.8 * before.perplexity
+    assert (after.words, after.sentences, after.oov_rate) == (9, 2, 0.0)
+    with pytest.raises(LMError, match="one positive whole number per text"):
+        build_lm([general, domain], tmp_path / "bad", weights=[1])
 
 
 def test_missing_build_tools_are_named(monkeypatch, tmp_path):

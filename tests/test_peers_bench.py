@@ -93,3 +93,15 @@ def test_pocketsphinx_transcribes_tone_audio(tmp_path):
     recognizer = peers.PocketsphinxRecognizer()
     assert isinstance(recognizer.transcribe(clip.wave), str)
     assert recognizer.settings["dict"] == "cmudict-en-us.dict"
+
+
+def test_one_system_runs_or_says_why_not(tmp_path, trained_tiny_model):
+    """run_one_system (what each fresh process runs): our model's rows, or the reason it cannot run."""
+    import argparse
+    clips = peers.load_clips(manifest=write_tone_corpus(tmp_path / "corpus"), limit=2)
+    args = argparse.Namespace(threads=1, model=str(tmp_path / "absent"), compute_type="int8", beam_size=5)
+    assert "no model folder" in peers.run_one_system("ours", args, clips)
+    args.model = str(trained_tiny_model)
+    results = peers.run_one_system("ours", args, clips)
+    assert [r.name for r in results][0] == "ours (greedy)"
+    assert all(len(r.hypotheses) == 2 and r.audio_seconds > 0 for r in results)
