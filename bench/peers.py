@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -248,8 +249,9 @@ def run_one_system(system: str, args: argparse.Namespace, clips: list[Clip]) -> 
 def run_isolated(system: str, args: argparse.Namespace, clips: list[Clip]) -> list[SystemResult] | str:
     """run_one_system in a fresh process: one library's thread pools (CTranslate2's OpenMP threads, torch's)
     must not slow the next system down. In one process, ours ran 2.2x slower after Whisper than alone."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(run_one_system, (system, args, clips))
+    # an executor lets its worker exit on its own (Pool.__exit__ kills it, leaking its semaphores)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run_one_system, system, args, clips).result()
 
 
 def main() -> None:

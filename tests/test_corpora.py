@@ -72,3 +72,18 @@ def test_real_speechocean762_dev(tmp_path):
     utts = read_manifest(prepare_kaldi(SHARED_DATA / "speechocean762" / "dev", tmp_path / "dev.jsonl"))
     assert len(utts) == 1260
     assert 0.5 < sum(u.duration for u in utts) / len(utts) < 10
+
+
+def test_cli_prepares_fsdd_from_its_one_folder(tmp_path, capsys):
+    from asr.cli import main
+
+    for speaker in ("ann", "theo"):
+        for digit in range(10):
+            for take in range(2):
+                _wav(tmp_path / "fsdd" / "recordings" / f"{digit}_{speaker}_{take}.flac", 0.3, 8000)
+    main(["prepare", "fsdd", "--data", str(tmp_path / "fsdd"), "--out", str(tmp_path / "m")])
+    assert "test: " in capsys.readouterr().out
+    assert len(read_manifest(tmp_path / "m" / "test.jsonl")) == 20
+    with pytest.raises(SystemExit) as stop:
+        main(["prepare", "fsdd", "--data", str(tmp_path / "fsdd"), str(tmp_path), "--out", str(tmp_path / "n")])
+    assert stop.value.code == 2 and "fsdd takes one --data folder, got 2" in capsys.readouterr().err
