@@ -168,10 +168,12 @@ def build_lm(texts: Sequence[str | os.PathLike], out_dir: str | os.PathLike, ord
         sentences = 0
         with open(corpus, "w") as f:
             for text, weight in zip(texts, weights or [1] * len(texts)):
+                text_counts: Counter[str] = Counter()
                 for line in normalized_sentences([text], vocab):
                     f.write((line + "\n") * weight)
-                    counts.update({w: n * weight for w, n in Counter(line.split()).items()})
+                    text_counts.update(line.split())
                     sentences += weight
+                counts.update({w: n * weight for w, n in text_counts.items()})
         if sentences == 0:
             raise LMError(f"no usable text in {', '.join(map(str, texts))}")
         words = [w for w, _ in counts.most_common(max_vocabulary)]
@@ -241,14 +243,15 @@ def perplexity(lm: LanguageModel, texts: Sequence[str | os.PathLike]) -> Perplex
     known = set(lm.words)
     log10_prob, words, sentences, oov = 0.0, 0, 0, 0
     for line in normalized_sentences(texts, Vocabulary()):
+        tokens = line.split()
         state = model.start(False)
-        for w in line.split():
+        for w in tokens:
             state, score = model.score(state, word_dict.get_index(w))
             log10_prob += score
             oov += w not in known
         _, score = model.finish(state)
         log10_prob += score
-        words += len(line.split()) + 1
+        words += len(tokens) + 1
         sentences += 1
     if sentences == 0:
         raise LMError(f"no usable text in {', '.join(map(str, texts))}")
