@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -13,13 +14,15 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+from .errors import ASRError
+
 SAMPLE_RATE = 16_000
 MIN_DURATION = 0.1  # seconds; shorter clips cannot give the model a frame to work with
 
 AudioInput = Union[str, os.PathLike, np.ndarray, torch.Tensor]
 
 
-class AudioError(ValueError):
+class AudioError(ASRError, ValueError):
     """Audio that cannot be used: unreadable, empty, non-finite or too short. Names the source."""
 
     def __init__(self, source: object, problem: str):
@@ -27,31 +30,97 @@ class AudioError(ValueError):
         self.problem = problem
         super().__init__(f"{self.source}: {problem}")
 
+    def __reduce__(self):  # picklable (e.g. out of a loader worker process) with both parts
+        return type(self), (self.source, self.problem)
 
-def _read_with_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
+
+class AudioWarning(UserWarning):
+    """Audio that was usable only in part (e.g. a truncated file: the decodable part is used)."""
+
+
+def _read_with_ffmpeg(path: Path, reason: str) -> tuple[np.ndarray, int]:
     """Decode with the ffmpeg program (for what libsndfile cannot read, e.g. m4a or some mp3s)."""
     if shutil.which("ffmpeg") is None:
-        raise AudioError(path, "libsndfile cannot read this format and ffmpeg is not installed")
+        raise AudioError(path, f"not an audio file that libsndfile can read ({reason}); for other formats "
+                               "(m4a, webm, ...) install ffmpeg")
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-f", "f32le", "-ac", "1",
            "-ar", str(SAMPLE_RATE), "-"]
     proc = subprocess.run(cmd, capture_output=True, check=False)
     if proc.returncode != 0:
-        reason = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise AudioError(path, f"not readable as audio ({reason[-1] if reason else 'ffmpeg failed'})")
+        lines = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise AudioError(path, f"not readable as audio ({lines[-1] if lines else 'ffmpeg failed'})")
     return np.frombuffer(proc.stdout, dtype=np.float32).copy(), SAMPLE_RATE
 
 
-def read_audio_file(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Read a file as float32 samples of shape (frames, channels) and its sample rate."""
+def _libsndfile_reason(error: Exception) -> str:
+    """libsndfile's own words without the "Error opening 'path': " prefix."""
+    reason = str(error).split(": ", 1)[-1].strip().rstrip(".")
+    if "possibly a pipe" in reason:  # what it says of a regular file whose format it does not know (e.g. .mp3)
+        return "Format not recognised"
+    return reason
+
+
+def _ogg_stream_ended(path: Path) -> bool:
+    """Whether an Ogg file's last page carries the end-of-stream flag (a cut file's does not)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 65_536))
+        tail = f.read()
+    page = tail.rfind(b"OggS")
+    return page >= 0 and len(tail) > page + 5 and bool(tail[page + 5] & 0x04)
+
+
+def _read_blocks(path: Path, channels: int) -> tuple[np.ndarray, str]:
+    """The samples that decode, block by block from a fresh handle, and libsndfile's reason for stopping."""
+    blocks, problem = [], ""
+    try:
+        with sf.SoundFile(str(path)) as f:
+            while len(block := f.read(8_192, dtype="float32", always_2d=True)):
+                blocks.append(block)
+    except (sf.LibsndfileError, RuntimeError) as e:
+        problem = _libsndfile_reason(e)
+    return (np.concatenate(blocks) if blocks else np.zeros((0, channels), np.float32)), problem
+
+
+def check_audio_path(path: str | os.PathLike) -> Path:
+    """The path, if it names a non-empty file; AudioError saying what it is otherwise."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise AudioError(path, "is a directory, not an audio file")
+    if not path.exists():
         raise AudioError(path, "file not found")
+    if not path.is_file():
+        raise AudioError(path, "not a regular file")
     if path.stat().st_size == 0:
         raise AudioError(path, "file is empty (0 bytes)")
+    return path
+
+
+def read_audio_file(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Read a file as float32 samples of shape (frames, channels) and its sample rate.
+
+    A file cut short (truncated FLAC, Ogg without its last page) gives the part that decodes and an
+    AudioWarning; one with nothing decodable raises AudioError.
+    """
+    path = check_audio_path(path)
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
-        data, rate = _read_with_ffmpeg(path)
+        f = sf.SoundFile(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        return _read_with_ffmpeg(path, _libsndfile_reason(e))
+    with f:
+        rate, expected, kind, channels = f.samplerate, f.frames, f.format, f.channels
+        try:
+            data, problem = f.read(dtype="float32", always_2d=True), ""
+        except (sf.LibsndfileError, RuntimeError):  # damaged: keep what decodes
+            data, problem = _read_blocks(path, channels)
+    if not problem and kind == "OGG" and not _ogg_stream_ended(path):
+        problem = "the Ogg stream has no end page"
+    if not problem and 0 < expected and len(data) < expected:
+        problem = f"{len(data)} of the {expected} samples its header announces"
+    if problem:
+        if not len(data):
+            raise AudioError(path, f"truncated or corrupt {kind} file: nothing decodes ({problem})")
+        warnings.warn(AudioWarning(f"{path}: truncated or corrupt {kind} file ({problem}); using the "
+                                   f"{len(data) / rate:.2f} s that decode"), stacklevel=2)
     return data, rate
 
 

@@ -3,10 +3,19 @@
 Lexicon-constrained search only spells words of the LM's vocabulary (plus any hot words) and scores
 each word with the LM; lexicon-free search may spell anything and uses no word LM. Word times and
 confidences come from the frames where the best beam emits each character, as in greedy decoding.
+
+Emissions are searched in pieces cut where the model is sure nothing is said: at every pause of a
+second or more, and pieces still longer than 30 s at their longest pause. Flashlight's lexicon search
+can finish a word on a repeated letter without the blank CTC needs between the two ("will" from the
+tokens "w i l"); over minutes of audio every hypothesis of the n-best list carries such a slip
+somewhere, and their tokens, glued together, used to be the answer. Now a slip stays within its piece,
+and a piece whose hypotheses all have one gives the best one's words.
 """
 
 from __future__ import annotations
 
+import bisect
+import difflib
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -15,11 +24,17 @@ from pathlib import Path
 import torch
 
 from .decoding import Transcription, words_from_emissions
+from .errors import OptionsError
 from .lm import LanguageModel
 from .text import BLANK, Vocabulary, normalize_text
 
 _BLANK, _SEP = "-", "|"  # flashlight's names for the CTC blank and the word separator
 NBEST = 4  # lexicon search: the best hypothesis whose tokens spell its words wins
+SURE_BLANK = 0.9  # a frame whose blank probability is above this has nothing said in it
+PAUSE_SECONDS = 1.0  # a run of sure blanks this long inside the audio always ends a piece
+PIECE_SECONDS = 30.0  # longer pieces are cut at their longest run of sure blanks
+
+Emitted = tuple[str, int, float]  # a character, its frame and its posterior
 
 
 @dataclass
@@ -33,6 +48,66 @@ class BeamSearchOptions:
     lexicon: bool = True  # spell only known words (needs an LM); False: any spelling, no word LM
     hotwords: list[str] = field(default_factory=list)  # words or phrases to favour at this call
     hotword_weight: float = 8.0  # added to the LM log10-probability of each hot word (before alpha)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hotwords, str):
+            self.hotwords = [self.hotwords]  # one phrase, not a list of its letters
+        if not isinstance(self.hotwords, (list, tuple)) or not all(isinstance(h, str) for h in self.hotwords):
+            raise OptionsError(f"hotwords must be a phrase or a list of phrases, got {self.hotwords!r}")
+        self.hotwords = list(self.hotwords)
+
+
+def _sure_blank_runs(log_probs: torch.Tensor, blank: int) -> list[tuple[int, int]]:
+    """(start, end) frames of each run of sure blanks in emissions (frames, vocab)."""
+    edges = torch.nn.functional.pad((log_probs[:, blank] > math.log(SURE_BLANK)).int(), (1, 1)).diff()
+    return list(zip((edges == 1).nonzero().squeeze(1).tolist(), (edges == -1).nonzero().squeeze(1).tolist()))
+
+
+def speech_pieces(log_probs: torch.Tensor, blank: int, pause_frames: int, max_frames: int) -> list[tuple[int, int]]:
+    """(start, end) frames of consecutive pieces of one utterance's emissions (frames, vocab).
+
+    Cuts fall in the middle of runs of sure blanks inside the utterance: every run of at least
+    `pause_frames`, then the longest run of any piece still longer than `max_frames`, until none is.
+    """
+    frames = len(log_probs)
+    runs = [(s, e) for s, e in _sure_blank_runs(log_probs, blank) if 0 < s and e < frames]
+    starts, ends = [s for s, _ in runs], [e for _, e in runs]
+    cuts = [(s + e) // 2 for s, e in runs if e - s >= pause_frames]
+    todo, pieces = list(zip([0, *cuts], [*cuts, frames])), []
+    while todo:
+        a, b = todo.pop()
+        if b - a <= max_frames:
+            pieces.append((a, b))
+            continue
+        inside = runs[bisect.bisect_right(starts, a): bisect.bisect_left(ends, b)]
+        if inside:
+            s, e = max(inside, key=lambda run: run[1] - run[0])
+            cut = (s + e) // 2
+        else:
+            cut = a + max_frames
+        todo += [(a, cut), (cut, b)]
+    return sorted(pieces)
+
+
+def _spell_words(words: list[str], emitted: list[Emitted]) -> list[Emitted]:
+    """The words' letters, a space after each, with the frame and posterior of the emitted letter each aligns
+    with; a letter the tokens lack (the second "l" of "will" from "w i l") takes its neighbour's."""
+    letters = [e for e in emitted if e[0] != " "]
+    spelled = "".join(words)
+    aligned: list[int | None] = [None] * len(spelled)
+    matcher = difflib.SequenceMatcher(None, spelled, "".join(c for c, _, _ in letters), autojunk=False)
+    for i, j, n in matcher.get_matching_blocks():
+        aligned[i: i + n] = range(j, j + n)
+    known = [k for k, j in enumerate(aligned) if j is not None]
+    out, k = [], 0
+    for word in words:
+        for ch in word:
+            near = known[max(0, bisect.bisect_right(known, k) - 1)] if known else None
+            _, frame, prob = letters[aligned[near]] if near is not None else ("", 0, 0.0)
+            out.append((ch, frame, prob))
+            k += 1
+        out.append((" ", 0, 0.0))
+    return out
 
 
 def _boosted_lm(kenlm, boosts: dict[int, float]):
@@ -62,7 +137,7 @@ class BeamSearchDecoder:
         self.vocab = vocab
         self.options = opts = options or BeamSearchOptions()
         if opts.lexicon and lm is None:
-            raise ValueError("lexicon-constrained beam search needs a language model (or lexicon=False)")
+            raise OptionsError("lexicon-constrained beam search needs a language model (or lexicon=False)")
         tokens = [_BLANK if t == BLANK else (_SEP if t == " " else t) for t in vocab.tokens]
         self._tmp = tempfile.TemporaryDirectory(prefix="asr-beam-")
         lexicon = lm_arg = None
@@ -71,18 +146,19 @@ class BeamSearchDecoder:
             allowed = set(vocab.tokens[1:]) - {" "}
             bad = [w for w in hot if not set(w) <= allowed]
             if bad:
-                raise ValueError(f"hot words with characters the model cannot emit: {bad}")
+                raise OptionsError(f"hot words with characters the model cannot emit: {bad}")
             lexicon = Path(self._tmp.name) / "lexicon.txt"
             extra = [w for w in hot if w not in set(lm.words)]
             lexicon.write_text(lm.lexicon.read_text() + "".join(f"{w}\t{' '.join(w)}\n" for w in extra))
+            lm.check_binary()  # a damaged binary: LMError here, not a RuntimeError from ctc_decoder
             lm_arg = str(lm.binary)
             if hot:
-                from flashlight.lib.text.decoder.kenlm import KenLM
                 from flashlight.lib.text.dictionary import create_word_dict, load_words
 
                 word_dict = create_word_dict(load_words(str(lexicon)))  # as ctc_decoder builds it
                 boosts = {word_dict.get_index(w): opts.hotword_weight for w in hot}
-                lm_arg = _boosted_lm(KenLM(str(lm.binary), word_dict), boosts)
+                lm_arg = _boosted_lm(lm.kenlm(word_dict), boosts)
+        self._lexicon = lexicon is not None
         self._decoder = ctc_decoder(
             lexicon=str(lexicon) if lexicon else None, tokens=tokens, lm=lm_arg, nbest=NBEST if lexicon else 1,
             beam_size=opts.beam_size, beam_size_token=opts.beam_size_token, beam_threshold=opts.beam_threshold,
@@ -98,25 +174,29 @@ class BeamSearchDecoder:
     def decode(self, log_probs: torch.Tensor, lengths: torch.Tensor, frame_seconds: float,
                time_offset: float = 0.0) -> list[Transcription]:
         """log_probs: (batch, frames, vocab) CTC log-probabilities; lengths: valid frames of each."""
-        emissions = log_probs.detach().float().cpu().contiguous()
-        results = self._decoder(emissions, lengths.to(torch.int32).cpu())
+        emissions = log_probs.detach().float().cpu()
+        pause, longest = round(PAUSE_SECONDS / frame_seconds), max(1, round(PIECE_SECONDS / frame_seconds))
         out = []
-        for b, hyps in enumerate(results):
-            if not hyps:
-                out.append(Transcription(""))
-                continue
-            spelled = [h for h in hyps if self._spells_its_words(h)]
-            best = spelled[0] if spelled else hyps[0]  # none: the tokens' spelling is the answer
-            last = max(0, int(lengths[b]) - 1)  # the closing separator may sit one frame past the end
-            ids, frames = best.tokens.tolist(), [min(int(t), last) for t in best.timesteps.tolist()]
-            keep = [k for k, i in enumerate(ids) if i != self.vocab.blank]
-            emitted = [(self.vocab.tokens[ids[k]], frames[k], math.exp(float(emissions[b, frames[k], ids[k]])))
-                       for k in keep]
-            if spelled:  # the lexicon's word boundaries, whether or not a separator was emitted
-                letters, emitted, start = [e for e in emitted if e[0] != " "], [], 0
-                for word in best.words:
-                    emitted += letters[start: start + len(word)] + [(" ", 0, 0.0)]
-                    start += len(word)
+        for b in range(len(emissions)):
+            emitted: list[Emitted] = []
+            for start, end in speech_pieces(emissions[b, : int(lengths[b])], self.vocab.blank, pause, longest):
+                piece = self._decode_piece(emissions[b, start:end].contiguous()) if end > start else []
+                emitted += [(c, start + f, p) for c, f, p in piece] + [(" ", 0, 0.0)]
             chars, at, probs = (list(x) for x in zip(*emitted)) if emitted else ([], [], [])
             out.append(words_from_emissions(chars, at, probs, self.vocab, frame_seconds, time_offset))
         return out
+
+    def _decode_piece(self, emissions: torch.Tensor) -> list[Emitted]:
+        """The characters the best hypothesis emits over emissions (frames, vocab), frames counted from 0.
+
+        Lexicon search takes the best hypothesis whose tokens spell its words, else the best one's words.
+        """
+        hyps = self._decoder(emissions[None], torch.tensor([len(emissions)], dtype=torch.int32))[0]
+        if not hyps:
+            return []
+        best = next((h for h in hyps if self._spells_its_words(h)), hyps[0]) if self._lexicon else hyps[0]
+        last = len(emissions) - 1  # the closing separator may sit one frame past the end
+        ids, frames = best.tokens.tolist(), [min(int(t), last) for t in best.timesteps.tolist()]
+        emitted = [(self.vocab.tokens[i], f, math.exp(float(emissions[f, i])))
+                   for i, f in zip(ids, frames) if i != self.vocab.blank]
+        return _spell_words(best.words, emitted) if self._lexicon else emitted

@@ -1,23 +1,30 @@
 """Checkpoints: a folder with `model.safetensors` + `model.json`, written atomically, loaded without pickle.
 
 A training checkpoint adds `trainer.pt` (optimiser, scheduler, sampler position, RNG), read with
-`torch.load(weights_only=True)`, so no code is ever executed when loading.
+`torch.load(weights_only=True)`, so no code is ever executed when loading. Every value of model.json is
+checked before a model is built from it, and kills or a full disk never leave a damaged folder under a
+checkpoint's name (`remove_leftovers` deletes what they leave beside it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from .errors import ASRError
+from .files import recover_dir, write_dir_atomically  # noqa: F401 - re-exported
 from .model import DeepSpeech2, ModelConfig
 from .text import Vocabulary
 
@@ -29,47 +36,27 @@ LM_DIR = "lm"  # the model's language model
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder that is missing, incomplete or corrupt; names the path."""
+class CheckpointError(ASRError, ValueError):
+    """A checkpoint folder that is missing, incomplete or corrupt, or cannot be written; names the path."""
 
 
-def write_dir_atomically(final: Path, write: Any) -> None:
-    """Call `write(tmp_dir)`, then move tmp_dir to `final`, replacing any old folder.
-
-    The old folder is only removed after the new one is complete; a crash in between leaves
-    `final.old`, which `recover_dir` puts back.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+@contextlib.contextmanager
+def reported_write_errors(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Turn an OSError while writing `path` (a full disk, a read-only folder) into a CheckpointError naming it."""
     try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes private folders; a model folder is ordinary
-        for f in tmp.rglob("*"):
-            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
-        old = final.with_name(final.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def recover_dir(final: Path) -> None:
-    """Undo a swap interrupted between its two renames."""
-    old = Path(final).with_name(Path(final).name + ".old")
-    if old.exists() and not Path(final).exists():
-        os.replace(old, final)
+        yield
+    except OSError as e:
+        reason = e.strerror.lower() if e.strerror else str(e)
+        raise CheckpointError(f"cannot write {what} {path}: {reason} (what was there before is kept)") from None
 
 
 def save_model(path: str | os.PathLike, model: DeepSpeech2, vocab: Vocabulary, metadata: dict | None = None,
                trainer_state: dict | None = None) -> None:
-    """Write weights, config, vocabulary, normalisation (and optionally trainer state) to a folder."""
+    """Write weights, config, vocabulary, normalisation (and optionally trainer state) to a folder.
+
+    The folder is replaced atomically; when it cannot be written (e.g. no space left on device) the
+    previous version stays and a CheckpointError says why.
+    """
     meta = {
         "format_version": FORMAT_VERSION,
         "config": dataclasses.asdict(model.config),
@@ -82,14 +69,60 @@ def save_model(path: str | os.PathLike, model: DeepSpeech2, vocab: Vocabulary, m
         "metadata": metadata or {},
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # serialised in memory, then written by Python: a full disk is then an OSError with its errno, where
+    # safetensors and torch.save writing the files themselves report it as opaque library errors
+    trainer_bytes = None
+    if trainer_state is not None:
+        buffer = io.BytesIO()
+        torch.save(trainer_state, buffer)
+        trainer_bytes = buffer.getbuffer()
 
     def write(tmp: Path) -> None:
-        save_file(state, str(tmp / MODEL_WEIGHTS))
+        (tmp / MODEL_WEIGHTS).write_bytes(safetensors.torch.save(state))
         (tmp / MODEL_META).write_text(json.dumps(meta, indent=2))
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
+        if trainer_bytes is not None:
+            (tmp / TRAINER_STATE).write_bytes(trainer_bytes)
 
-    write_dir_atomically(Path(path), write)
+    with reported_write_errors(path, "checkpoint"):
+        write_dir_atomically(Path(path), write)
+
+
+def read_model_json(folder: str | os.PathLike) -> tuple[ModelConfig, Vocabulary, dict]:
+    """Read and check a model folder's model.json: (model config, vocabulary, the whole description).
+
+    Every value is checked before anything is built from it; a problem is a CheckpointError naming the key.
+    """
+    meta_file = Path(folder) / MODEL_META
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{meta_file}: not found (is {folder} a model folder written by asr?)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_file}: corrupt, not readable JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f'{meta_file}: corrupt, not a model description (no "config" object)')
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{meta_file}: corrupt, format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{meta_file}: written by a newer asr (format {version})")
+    try:
+        config = ModelConfig(**meta["config"])
+    except TypeError as e:  # an unknown key
+        raise CheckpointError(f"{meta_file}: corrupt or incompatible model description (config: {e})") from None
+    except ValueError as e:
+        raise CheckpointError(f"{meta_file}: invalid model description: config.{e}") from None
+    tokens = meta.get("vocabulary")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise CheckpointError(f"{meta_file}: corrupt, vocabulary must be a list of strings, got {tokens!r}")
+    try:
+        vocab = Vocabulary(tokens)
+    except ValueError as e:
+        raise CheckpointError(f"{meta_file}: invalid vocabulary: {e}") from None
+    if config.vocab_size != len(vocab):
+        raise CheckpointError(f"{meta_file}: invalid model description: config.vocab_size is {config.vocab_size} "
+                              f"but the vocabulary has {len(vocab)} tokens")
+    return config, vocab, meta
 
 
 def load_model_files(path: str | os.PathLike, device: str | torch.device = "cpu"
@@ -103,14 +136,7 @@ def load_model_files(path: str | os.PathLike, device: str | torch.device = "cpu"
     for f in (weights, meta_file):
         if not f.is_file():
             raise CheckpointError(f"{f}: not found (is {path} a model folder written by asr?)")
-    try:
-        meta = json.loads(meta_file.read_text())
-        config = ModelConfig(**meta["config"])
-        vocab = Vocabulary(meta["vocabulary"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{meta_file}: corrupt or incompatible model description ({e})") from None
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{meta_file}: written by a newer asr (format {meta['format_version']})")
+    config, vocab, meta = read_model_json(path)
     model = DeepSpeech2(config)
     try:
         state = load_file(str(weights))
@@ -118,6 +144,20 @@ def load_model_files(path: str | os.PathLike, device: str | torch.device = "cpu"
     except (SafetensorError, RuntimeError, OSError) as e:
         raise CheckpointError(f"{weights}: corrupt or does not match {meta_file} ({e})") from None
     return model.to(device).eval(), vocab, meta
+
+
+def architecture_differences(mine: ModelConfig, theirs: ModelConfig) -> dict[str, tuple[Any, Any]]:
+    """The model settings that make weights incompatible, where the two differ: {key: (mine, theirs)}.
+
+    Dropout and the SpecAugment settings may change between runs; everything else shapes the weights
+    or what they mean.
+    """
+    a, b = dataclasses.asdict(mine), dataclasses.asdict(theirs)
+    differ = {k: (a[k], b[k]) for k in a if k not in ("dropout", "features") and a[k] != b[k]}
+    for k in a["features"]:
+        if not k.endswith(("masks", "mask_width", "ratio")) and a["features"][k] != b["features"][k]:
+            differ[f"features.{k}"] = (a["features"][k], b["features"][k])
+    return differ
 
 
 def load_trainer_state(path: str | os.PathLike) -> dict:
@@ -129,3 +169,38 @@ def load_trainer_state(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{f}: not found (not a training checkpoint)") from None
     except Exception as e:  # torch raises several types for corrupt files
         raise CheckpointError(f"{f}: corrupt trainer state ({e})") from None
+
+
+def discard_dir(path: str | os.PathLike) -> None:
+    """Delete a folder so that a kill midway never leaves a half-deleted folder under its name.
+
+    It is first renamed to a temporary name (`.NAME.tmp-*`), which `remove_leftovers` deletes when a
+    kill interrupts the deletion.
+    """
+    path = Path(path)
+    gone = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    os.replace(path, gone)  # a folder may replace an empty one
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def remove_leftovers(folder: str | os.PathLike, *names: str) -> list[Path]:
+    """Clean up what kills during atomic writes left in `folder` for the given names (glob patterns).
+
+    A `NAME.old` whose NAME is missing (a kill between a folder swap's two renames) is put back; then the
+    temporaries (`.NAME.tmp-*` folders, `.NAME.*.tmp` files) and leftover `NAME.old` copies are deleted.
+    Returns what was deleted.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    for name in names:
+        for old in folder.glob(f"{name}.old"):
+            recover_dir(old.with_name(old.name[: -len(".old")]))
+    leftovers = sorted({p for name in names for pattern in (f".{name}.tmp-*", f".{name}.*.tmp", f"{name}.old")
+                        for p in folder.glob(pattern)})
+    for p in leftovers:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return leftovers

@@ -6,14 +6,11 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from .audio import AudioError
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .corpora import CorpusError
-from .data import ManifestError
-from .lm import LMError
+from .errors import ASRError
 
 FORMATS = ("txt", "json", "srt", "vtt")
 TRAIN_LAUNCHES = """Train from manifests; resumes from OUT/checkpoints if present.
@@ -64,6 +61,7 @@ def format_subtitles(words: list, fmt: str, max_words: int = 10, max_gap: float 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from . import corpora
+    from .corpora import CorpusError
 
     out = Path(args.out)
     if args.corpus == "fsdd":
@@ -283,11 +281,16 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    warnings.showwarning = lambda message, *_, **__: print(f"asr {args.command}: warning: {message}",
+                                                            file=sys.stderr)
     try:
         args.func(args)
-    except (AudioError, CheckpointError, ConfigError, CorpusError, ManifestError, LMError, FileNotFoundError) as e:
+    except (ASRError, FileNotFoundError) as e:
         print(f"asr {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"asr {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .augment import AugmentOptions
+from .errors import ASRError
+from .features import check_number
 from .model import ModelConfig
 
 
@@ -26,6 +30,18 @@ class DataConfig(AugmentOptions):
     max_duration: float = 20.0  # longer training utterances are dropped
     sortagrad: bool = True
     num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        """Check every value; errors name the key."""
+        super().__post_init__()
+        check_number("max_batch_seconds", self.max_batch_seconds, 0, 1e6, above_low=True)
+        check_number("max_batch_size", self.max_batch_size, 1, 1_000_000, integer=True)
+        check_number("num_buckets", self.num_buckets, 1, 10_000, integer=True)
+        check_number("max_duration", self.max_duration, 0, 1e5, above_low=True)
+        check_number("num_workers", self.num_workers, 0, 1024, integer=True)
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -49,6 +65,30 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
 
+    def __post_init__(self) -> None:
+        """Check every value; errors name the key."""
+        check_number("epochs", self.epochs, 1, 1_000_000, integer=True)
+        for key in ("max_steps", "warmup_steps", "eval_every_steps", "checkpoint_every_steps"):
+            check_number(key, getattr(self, key), 0, 10**12, integer=True)
+        check_number("lr", self.lr, 0, 10)
+        check_number("weight_decay", self.weight_decay, 0, 10)
+        check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_number("grad_clip", self.grad_clip, 0, 1e12, above_low=True)
+        check_number("grad_accumulation", self.grad_accumulation, 1, 100_000, integer=True)
+        check_number("ema_decay", self.ema_decay, 0, 1)
+        if self.ema_decay == 1:
+            raise ValueError("ema_decay: must be below 1 (1 never updates the average), got 1")
+        check_number("log_every_steps", self.log_every_steps, 1, 10**12, integer=True)
+        check_number("keep_checkpoints", self.keep_checkpoints, 1, 10_000, integer=True)
+        check_number("seed", self.seed, 0, 2**63 - 1, integer=True)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"device: not a device name (auto, cpu, cuda, cuda:1, ...): {self.device!r}") from None
+
 
 @dataclass
 class ExperimentConfig:
@@ -57,26 +97,41 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-class ConfigError(ValueError):
-    """An unknown key or a value of the wrong type in a configuration."""
+class ConfigError(ASRError, ValueError):
+    """An unknown key, or a value of the wrong type or out of range, in a configuration; names the key."""
 
 
-def from_dict(cls: type, values: dict, where: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys."""
+def from_dict(cls: type, values: dict | None, where: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and values out of range.
+
+    `where` is the keys' prefix in messages (e.g. "model."); an empty section (None) means the defaults.
+    """
+    values = {} if values is None else values
     if not isinstance(values, dict):
-        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {values!r}")
+        raise ConfigError(f"{where.rstrip('.') or cls.__name__}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [str(k) for k in values if k not in names]
     if unknown:
-        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {', '.join(sorted(unknown))}; "
-                          f"known: {', '.join(sorted(names))}")
+        raise ConfigError("; ".join(_unknown_key(where, k, names) for k in unknown))
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
         key = f"{where}{name}"
         kwargs[name] = from_dict(hint, value, key + ".") if dataclasses.is_dataclass(hint) else _coerce(hint, value, key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # the dataclass's own checks: the message starts with the field's name
+        raise ConfigError(f"{where}{e}") from None
+
+
+def _unknown_key(where: str, key: str, names: list[str]) -> str:
+    """'unknown key train.lr_rate; did you mean train.lr?' (or the known keys when none is close)."""
+    close = [n for n in names if key.startswith(n + "_") or n.startswith(key)]  # lr_rate -> lr
+    close += [n for n in difflib.get_close_matches(key, names, n=3, cutoff=0.6) if n not in close]
+    if close:
+        return f"unknown key {where}{key}; did you mean {' or '.join(where + c for c in close)}?"
+    return f"unknown key {where}{key}; known keys: {', '.join(where + n for n in sorted(names))}"
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
@@ -112,10 +167,15 @@ def apply_override(values: dict, override: str) -> None:
     parts = key.strip().split(".")
     node = values
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
+        if node.get(p) is None:  # absent, or an empty section in the YAML file
+            node[p] = {}
+        node = node[p]
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {p} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
@@ -126,6 +186,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
             values = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
             raise ConfigError(f"{path}: cannot read configuration ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected sections (model, data, train), got {values!r}")
     for o in overrides:
         apply_override(values, o)
     try:

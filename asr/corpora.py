@@ -7,13 +7,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .audio import AudioError, audio_duration
-from .data import Utterance, write_manifest
+from .data import Utterance, read_utf8, write_manifest
+from .errors import ASRError
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 _FSDD_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)$")
 
 
-class CorpusError(ValueError):
+class CorpusError(ASRError, ValueError):
     """A corpus folder that is missing or not in the expected layout."""
 
 
@@ -67,15 +68,14 @@ def prepare_fsdd(data_dir: str | Path, out_dir: str | Path, test_speaker: str = 
 
 def _read_kaldi_table(path: Path) -> dict[str, str]:
     table = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            key, _, value = line.partition(" ")
-            if key in table:
-                raise CorpusError(f"{path}:{n}: duplicate key {key}")
-            table[key] = value.strip()
+    for n, line in enumerate(read_utf8(path, CorpusError).split("\n"), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        key, _, value = line.partition(" ")
+        if key in table:
+            raise CorpusError(f"{path}:{n}: duplicate key {key}")
+        table[key] = value.strip()
     return table
 
 
@@ -109,15 +109,14 @@ def prepare_librispeech(root: str | Path, manifest: str | Path) -> Path:
     root = _require_dir(Path(root), "LibriSpeech folder")
     items = []
     for trans in sorted(root.glob("*/*/*.trans.txt")):
-        with open(trans, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                utt, _, text = line.strip().partition(" ")
-                if not utt:
-                    continue
-                audio = trans.parent / f"{utt}.flac"
-                if not audio.is_file():
-                    raise CorpusError(f"{trans}:{n}: audio {audio.name} not found")
-                items.append((utt, audio, text))
+        for n, line in enumerate(read_utf8(trans, CorpusError).split("\n"), start=1):
+            utt, _, text = line.strip().partition(" ")
+            if not utt:
+                continue
+            audio = trans.parent / f"{utt}.flac"
+            if not audio.is_file():
+                raise CorpusError(f"{trans}:{n}: audio {audio.name} not found")
+            items.append((utt, audio, text))
     if not items:
         raise CorpusError(f"{root}: no speaker/chapter/*.trans.txt files (is this a LibriSpeech split folder?)")
     write_manifest(_with_durations(items), manifest)

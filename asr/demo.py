@@ -1,8 +1,10 @@
 """The Gradio web demo: record or upload audio, see the transcript, the words, the spectrogram and the posteriors.
 
     asr demo --model exp/fsdd/best            # or: python demo/app.py --model ...
+    asr demo --model exp/fsdd/best --model exp/libri/best   # offer two; the first is the default
 
-Binds to 127.0.0.1 unless --host says otherwise; --share makes a public Gradio link.
+The page (and its API) offers only the --model folders. Binds to 127.0.0.1 unless --host says
+otherwise; --share makes a public Gradio link.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ import argparse
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 
 from .audio import SAMPLE_RATE, AudioError, load_audio
+from .errors import ASRError
 from .packaging import default_model_dir
 from .transcribe import DEFAULT_MODEL_ENV, ASRModel, TranscribeOptions, load_model
 
@@ -29,31 +34,51 @@ class DemoLimits:
     max_seconds: float = 120.0  # longer audio is refused
     max_upload_mb: float = 25.0  # bigger uploads are refused by the server
     silence_dbfs: float = -60.0  # audio whose RMS level is below this is called silent
+    max_decoded_mb: float = 256.0  # audio whose samples (all channels, float32) take more is refused
 
 
-class DemoError(ValueError):
+class DemoError(ASRError, ValueError):
     """Input the demo refuses, with the message shown in the page."""
 
 
-class ModelCache:
-    """Loaded models by path, so that each request doesn't reload the weights."""
+NOT_OFFERED = "That model is not one of the models this demo offers; choose one from the model list."
 
-    def __init__(self) -> None:
+
+class ModelChoices:
+    """The models the demo offers (given by its operator; the first is the default), each loaded once.
+
+    A request names one of them, or nothing for the default; any other name is refused with the same
+    message whether or not such a path exists, and is never looked up on disk.
+    """
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = list(dict.fromkeys(p.strip() for p in paths if p.strip()))
+        if not self.paths:
+            raise DemoError(f"No model: pass --model FOLDER or set ${DEFAULT_MODEL_ENV}.")
         self._models: dict[str, ASRModel] = {}
         self._lock = threading.Lock()
 
-    def get(self, path: str) -> ASRModel:
-        path = path.strip()
-        if not path:
-            raise DemoError(f"No model: give a model folder (for example exp/fsdd/best) or set ${DEFAULT_MODEL_ENV}.")
-        key = str(Path(path).expanduser().resolve())
+    @property
+    def default(self) -> str:
+        return self.paths[0]
+
+    def get(self, path: str | None) -> ASRModel:
+        """The offered model `path` names (the default when empty), loaded on first use."""
+        path = (path or "").strip() or self.default
+        if path not in self.paths:
+            raise DemoError(NOT_OFFERED)
         with self._lock:
-            if key not in self._models:
+            if path not in self._models:
                 try:
-                    self._models[key] = load_model(key)
-                except Exception as e:  # noqa: BLE001 - any failure to load is the user's to see
+                    self._models[path] = load_model(path)
+                except Exception as e:  # noqa: BLE001 - the operator's own folder: say what is wrong
                     raise DemoError(f"Cannot load the model in {path}: {e}") from None
-            return self._models[key]
+            return self._models[path]
+
+    def load_all(self) -> None:
+        """Load every offered model now, so that a bad folder stops the demo at its start."""
+        for path in self.paths:
+            self.get(path)
 
 
 @dataclass
@@ -72,25 +97,57 @@ class Analysis:
         return self.seconds / self.duration
 
 
-def analyze(model: ASRModel, audio_path: str | None, decoder: str, limits: DemoLimits) -> Analysis:
-    """Transcribe one file for the page; DemoError for input the demo refuses."""
+def check_duration(name: str, seconds: float, limits: DemoLimits) -> None:
+    """Refuse audio longer than the demo takes."""
+    if seconds > limits.max_seconds:
+        raise DemoError(f"{name} is {seconds:.0f} s long; this demo takes up to {limits.max_seconds:.0f} s.")
+
+
+def check_header(audio_path: str, limits: DemoLimits) -> None:
+    """Refuse audio too long or too big to decode from what its header says (a no-op without a header)."""
+    name = Path(audio_path).name
+    try:
+        info = sf.info(audio_path)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+        return  # not a format libsndfile knows: decoding will tell
+    if info.frames <= 0 or info.samplerate <= 0:
+        return  # the header states no length
+    check_duration(name, info.frames / info.samplerate, limits)
+    decoded_mb = info.frames * info.channels * 4 / 2 ** 20
+    if decoded_mb > limits.max_decoded_mb:
+        raise DemoError(f"{name} would take {decoded_mb:.0f} MB to decode ({info.channels} channels at "
+                        f"{info.samplerate} Hz); this demo takes up to {limits.max_decoded_mb:.0f} MB.")
+
+
+def checked_wave(audio_path: str | None, limits: DemoLimits) -> torch.Tensor:
+    """The 16 kHz waveform of an upload the demo accepts; DemoError (naming the file) for one it refuses.
+
+    Length and size are checked from the header before the file is decoded, so that a small upload
+    that decodes to hours of audio costs nothing.
+    """
     if not audio_path:
         raise DemoError("No audio: record something or upload a file.")
     name = Path(audio_path).name
+    check_header(audio_path, limits)
     try:
         wave = load_audio(audio_path)
     except AudioError as e:
         raise DemoError(f"Cannot use {name}: {e.problem}") from None
-    duration = len(wave) / SAMPLE_RATE
-    if duration > limits.max_seconds:
-        raise DemoError(f"{name} is {duration:.0f} s long; this demo takes up to {limits.max_seconds:.0f} s.")
+    check_duration(name, len(wave) / SAMPLE_RATE, limits)
     rms_db = 10 * np.log10(float(wave.pow(2).mean()) + 1e-20)
     if rms_db < limits.silence_dbfs:
         raise DemoError(f"{name} is silent (level {rms_db:.0f} dBFS): nothing to transcribe.")
+    return wave
+
+
+def analyze(model: ASRModel, audio_path: str | None, decoder: str, limits: DemoLimits) -> Analysis:
+    """Transcribe one file for the page, as `model.transcribe` would; DemoError for input the demo refuses."""
+    wave = checked_wave(audio_path, limits)
+    duration = len(wave) / SAMPLE_RATE
     start = time.perf_counter()
     opts = TranscribeOptions(decoder=decoder)
     log_probs = model.posteriors([wave], opts)[0]
-    result = model.decode(log_probs, duration, opts)
+    result = model.decode(log_probs, duration, opts, wave)
     seconds = time.perf_counter() - start
     words = [[w.word, w.start, w.end, w.confidence] for w in result.words]
     return Analysis(result.text, words, model.log_mel(wave).numpy(), log_probs.exp().T.numpy(),
@@ -134,8 +191,8 @@ def posteriorgram_figure(analysis: Analysis, frame_seconds: float):
     return fig
 
 
-def build_app(default_model: str = "", limits: DemoLimits | None = None, cache: ModelCache | None = None):
-    """The Gradio Blocks app; its API endpoint is named "transcribe"."""
+def build_app(models: ModelChoices, limits: DemoLimits | None = None):
+    """The Gradio Blocks app over the offered `models`; its API endpoint is named "transcribe"."""
     import gradio as gr
     import matplotlib
 
@@ -143,19 +200,18 @@ def build_app(default_model: str = "", limits: DemoLimits | None = None, cache: 
     import matplotlib.pyplot as plt
 
     limits = limits or DemoLimits()
-    cache = cache or ModelCache()
 
     def decoder_choices(model_path: str) -> list[tuple[str, str]]:
         """(label, decoder) pairs: beam search is labelled "beam + LM" when the model has a language model."""
         try:
-            model = cache.get(model_path)
+            model = models.get(model_path)
         except DemoError:
             return [("greedy", "greedy")]
         return [("beam + LM" if d == "beam" and model.lm is not None else d, d) for d in model.decoders]
 
     def run(audio_path, decoder, model_path):
         try:
-            model = cache.get(model_path)
+            model = models.get(model_path)
             analysis = analyze(model, audio_path, decoder, limits)
         except DemoError as e:
             raise gr.Error(str(e), duration=None) from None
@@ -174,8 +230,11 @@ def build_app(default_model: str = "", limits: DemoLimits | None = None, cache: 
         with gr.Row():
             with gr.Column():
                 audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="audio")
-                decoder = gr.Radio(decoder_choices(default_model), value="greedy", label="decoder")
-                model_path = gr.Textbox(default_model, label="model folder")
+                decoder = gr.Radio(decoder_choices(models.default), value="greedy", label="decoder")
+                # custom values pass the dropdown so that the API's "" (the default) and names not
+                # offered get this app's own answers (ModelChoices.get)
+                model_path = gr.Dropdown(models.paths, value=models.default, label="model",
+                                         allow_custom_value=True)
                 button = gr.Button("Transcribe", variant="primary")
             with gr.Column():
                 text = gr.Textbox(label="transcript", elem_id="transcript", interactive=False)
@@ -192,8 +251,9 @@ def build_app(default_model: str = "", limits: DemoLimits | None = None, cache: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="asr demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=os.environ.get(DEFAULT_MODEL_ENV) or str(default_model_dir() or ""),
-                        help=f"model folder (default: ${DEFAULT_MODEL_ENV}, else the model shipped with the package)")
+    parser.add_argument("--model", action="append", default=[],
+                        help=f"a model folder to offer; repeat to offer several, the first is the default "
+                             f"(default: ${DEFAULT_MODEL_ENV}, else the model shipped with the package)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
@@ -202,7 +262,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=1, help="requests transcribed at once (others queue)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    app = build_app(args.model, DemoLimits(args.max_seconds, args.max_upload_mb))
+    default = os.environ.get(DEFAULT_MODEL_ENV) or str(default_model_dir() or "")
+    try:
+        models = ModelChoices(args.model or [default])
+        models.load_all()
+    except DemoError as e:
+        parser.exit(2, f"asr demo: error: {e}\n")
+    app = build_app(models, DemoLimits(args.max_seconds, args.max_upload_mb))
     app.queue(default_concurrency_limit=args.concurrency, max_size=256)
     app.launch(server_name=args.host, server_port=args.port, share=args.share,
                max_file_size=int(args.max_upload_mb * 2 ** 20), show_error=True)

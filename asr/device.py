@@ -6,14 +6,24 @@ import contextlib
 
 import torch
 
+from .errors import DeviceError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """"auto" picks CUDA when available, else CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available")
+        raise DeviceError(f"device {name!r} was asked for but this machine has no usable CUDA GPU "
+                          "(use --device cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {name!r} was asked for but this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {name!r} is not supported (auto, cpu, cuda, cuda:N)")
     return device
 
 

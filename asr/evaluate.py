@@ -17,9 +17,15 @@ from .beam_search import BeamSearchDecoder
 from .data import BucketBatchSampler, SpeechDataset, Utterance, collate, read_manifest
 from .decoding import Transcription, greedy_decode
 from .device import autocast
+from .errors import ASRError
+from .files import replaced_atomically
 from .metrics import error_rates, utterance_wer
 from .model import DeepSpeech2
 from .text import Vocabulary
+
+
+class ResultsError(ASRError, OSError):
+    """Scoring results that cannot be written (e.g. a full disk); the previous results are kept."""
 
 
 @torch.no_grad()
@@ -41,6 +47,8 @@ def decode_utterances(model: DeepSpeech2, vocab: Vocabulary, utterances: list[Ut
     total_loss = 0.0
     decode = greedy_decode if beam is None else lambda lp, lengths, _, seconds: beam.decode(lp, lengths, seconds)
     for batch in tqdm(loader, desc="decoding", disable=not progress, leave=False):
+        if batch["unreadable"]:  # failed in a loader worker: raised here, as the AudioError it was
+            raise batch["unreadable"][0].error()
         waves = batch["waves"].to(device, non_blocking=True)
         lengths = batch["wave_lengths"].to(device)
         with autocast(device, autocast_dtype):
@@ -73,12 +81,17 @@ def evaluate_manifest(model: DeepSpeech2, vocab: Vocabulary, manifest: str | os.
                "decode_seconds": round(elapsed, 2), "real_time_factor": round(elapsed / audio_seconds, 5),
                "device": str(next(model.parameters()).device),
                "decoder": "greedy" if beam is None else {"beam": dataclasses.asdict(beam.options)}}
-    if out_dir is not None:
+    if out_dir is not None:  # both files replaced together, only once both are written: a full disk loses nothing
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "hypotheses.jsonl", "w", encoding="utf-8") as f:
-            for u, h in zip(utterances, hyps):
-                f.write(json.dumps({"id": u.id, "audio_filepath": u.audio_filepath, "reference": u.text,
-                                    "hypothesis": h.text, "wer": round(utterance_wer(u.text, h.text), 4)}) + "\n")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        try:
+            with replaced_atomically(out / "hypotheses.jsonl", out / "summary.json") as (hyp_file, summary_file):
+                with open(hyp_file, "w", encoding="utf-8") as f:
+                    for u, h in zip(utterances, hyps):
+                        f.write(json.dumps({"id": u.id, "audio_filepath": u.audio_filepath, "reference": u.text,
+                                            "hypothesis": h.text,
+                                            "wer": round(utterance_wer(u.text, h.text), 4)}) + "\n")
+                summary_file.write_text(json.dumps(summary, indent=2))
+        except OSError as e:
+            raise ResultsError(f"{out}: cannot write the results ({e.strerror or e}); the previous results there, "
+                               "if any, are unchanged") from None
     return summary

@@ -11,6 +11,22 @@ from torch import nn
 
 from .audio import SAMPLE_RATE
 
+NORMALIZATIONS = ("per_utterance", "per_utterance_level", "global", "none")
+
+
+def check_number(key: str, value: object, low: float, high: float, integer: bool = False,
+                 above_low: bool = False) -> None:
+    """Raise ValueError starting with `key` unless `value` is a number (an int if `integer`) within the bounds.
+
+    The range is [low, high], or (low, high] with `above_low`; NaN is never within it.
+    """
+    kinds = (int,) if integer else (int, float)
+    inside = isinstance(value, kinds) and not isinstance(value, bool) and (
+        (low < value if above_low else low <= value) and value <= high)
+    if not inside:
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{key}: must be {kind} {'>' if above_low else '>='} {low} and <= {high}, got {value!r}")
+
 
 @dataclass
 class FeatureConfig:
@@ -31,6 +47,28 @@ class FeatureConfig:
     time_masks: int = 2
     time_mask_width: int = 40
     time_mask_max_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        """Check every value (a model.json or a configuration may hold anything); errors name the key."""
+        check_number("n_mels", self.n_mels, 1, 512, integer=True)
+        check_number("n_fft", self.n_fft, 8, 32768, integer=True)
+        check_number("win_ms", self.win_ms, 0, 1000, above_low=True)
+        check_number("hop_ms", self.hop_ms, 0, 1000, above_low=True)
+        if self.hop_length < 1:
+            raise ValueError(f"hop_ms: {self.hop_ms} ms is less than one sample at {SAMPLE_RATE} Hz")
+        if self.win_length > self.n_fft:
+            raise ValueError(f"win_ms: a {self.win_ms} ms window ({self.win_length} samples) is longer than "
+                             f"n_fft={self.n_fft}")
+        check_number("f_min", self.f_min, 0, SAMPLE_RATE / 2)
+        if self.f_max is not None:
+            check_number("f_max", self.f_max, self.f_min, SAMPLE_RATE / 2, above_low=True)
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization: must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}")
+        for key in ("freq_masks", "time_masks"):
+            check_number(key, getattr(self, key), 0, 100, integer=True)
+        check_number("freq_mask_width", self.freq_mask_width, 0, 512, integer=True)
+        check_number("time_mask_width", self.time_mask_width, 0, 100_000, integer=True)
+        check_number("time_mask_max_ratio", self.time_mask_max_ratio, 0, 1)
 
     @property
     def hop_length(self) -> int:

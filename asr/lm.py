@@ -11,6 +11,7 @@ An LM folder holds `lm.bin` (KenLM binary), `words.txt` (its vocabulary, one wor
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -18,13 +19,19 @@ import subprocess
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence, TextIO
 
-from .checkpoint import write_dir_atomically
+from .errors import ASRError
+from .files import write_dir_atomically
 from .text import Vocabulary, normalize_text
+
+if TYPE_CHECKING:
+    from flashlight.lib.text.decoder.kenlm import KenLM
+    from flashlight.lib.text.dictionary import Dictionary
 
 KENLM_VERSION = "0.3.0"
 BOOST_HEADERS = {"libboost-program-options-dev": "boost/program_options.hpp",
@@ -32,9 +39,12 @@ BOOST_HEADERS = {"libboost-program-options-dev": "boost/program_options.hpp",
                  "libboost-thread-dev": "boost/thread.hpp",
                  "libboost-test-dev": "boost/test/unit_test.hpp",
                  "zlib1g-dev": "zlib.h"}
+GZIP_MAGIC = b"\x1f\x8b"
+SNIFF_BYTES = 1 << 16  # a text file's first bytes that are checked for binary content
+MAX_UNDECODABLE = 0.3  # share of characters that are not UTF-8 beyond which a file is binary
 
 
-class LMError(RuntimeError):
+class LMError(ASRError, RuntimeError):
     """The LM tools cannot be built or run, or an LM folder is missing or damaged; the message says what."""
 
 
@@ -110,10 +120,46 @@ def kenlm_tools(source: str | os.PathLike | None = None, jobs: int | None = None
     return tools
 
 
-def open_text(path: Path):
-    """A text file, plain or gzipped (.gz), for reading lines; bad bytes become U+FFFD."""
-    return gzip.open(path, "rt", encoding="utf-8", errors="replace") if path.suffix == ".gz" else \
-        open(path, encoding="utf-8", errors="replace")
+def _binary_content(head: bytes) -> str | None:
+    """Why these first bytes of a file are not text (NUL bytes, or mostly not UTF-8), or None."""
+    if b"\0" in head:
+        return "it has NUL bytes"
+    text = head.decode("utf-8", errors="replace")
+    if text and text.count("\ufffd") > MAX_UNDECODABLE * len(text):
+        return "most of its bytes are not UTF-8"
+    return None
+
+
+def open_text(path: Path) -> TextIO:
+    """A text file for reading lines, gzipped or plain whatever its name says; stray bad bytes become U+FFFD.
+
+    Raises LMError for a binary file (checked on its first bytes, after decompression).
+    """
+    gzipped = False
+    try:
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == GZIP_MAGIC
+        opener = gzip.open if gzipped else open
+        with opener(path, "rb") as f:
+            why = _binary_content(f.read(SNIFF_BYTES))
+    except (OSError, EOFError, zlib.error) as e:
+        raise LMError(f"{path}: {'damaged gzip file' if gzipped else 'cannot read it'} ({e})") from None
+    if why:
+        raise LMError(f"{path}: not a text file ({why}); give plain or gzipped UTF-8 text, or JSONL manifests")
+    return opener(path, "rt", encoding="utf-8", errors="replace")
+
+
+def _manifest_text(path: Path, number: int, line: str) -> str:
+    """The "text" of one JSONL manifest line ("" for a blank line)."""
+    if not line.strip():
+        return ""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise LMError(f"{path}:{number}: not JSON ({e})") from None
+    if not isinstance(entry, dict) or not isinstance(entry.get("text", ""), str):
+        raise LMError(f'{path}:{number}: not a JSON object with a "text" string')
+    return entry.get("text", "")
 
 
 def normalized_sentences(paths: Iterable[str | os.PathLike], vocab: Vocabulary) -> Iterator[str]:
@@ -125,13 +171,16 @@ def normalized_sentences(paths: Iterable[str | os.PathLike], vocab: Vocabulary) 
             raise LMError(f"{path}: text file not found")
         is_manifest = ".jsonl" in path.suffixes
         with open_text(path) as f:
-            for line in f:
-                if is_manifest:
-                    line = json.loads(line).get("text", "") if line.strip() else ""
-                text = normalize_text(line)
-                text = " ".join(w for w in text.split() if set(w) <= allowed)
-                if text:
-                    yield text
+            try:
+                for number, line in enumerate(f, 1):
+                    if is_manifest:
+                        line = _manifest_text(path, number, line)
+                    text = normalize_text(line)
+                    text = " ".join(w for w in text.split() if set(w) <= allowed)
+                    if text:
+                        yield text
+            except (OSError, EOFError, zlib.error) as e:
+                raise LMError(f"{path}: damaged gzip file ({e})") from None
 
 
 @dataclass
@@ -142,6 +191,7 @@ class LMInfo:
     vocabulary: int
     sources: list[str]
     weights: list[int] | None = None  # times each source was repeated (None: once each)
+    binary_sha256: str = ""  # of lm.bin, checked when the folder is loaded ("": not recorded)
 
 
 def build_lm(texts: Sequence[str | os.PathLike], out_dir: str | os.PathLike, order: int = 4,
@@ -188,7 +238,8 @@ def build_lm(texts: Sequence[str | os.PathLike], out_dir: str | os.PathLike, ord
             proc = subprocess.run(step, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise LMError(f"{Path(step[0]).name} failed:\n{proc.stderr[-2000:]}")
-        info = LMInfo(order, sentences, sum(counts.values()), len(words), [str(t) for t in texts], weights)
+        info = LMInfo(order, sentences, sum(counts.values()), len(words), [str(t) for t in texts], weights,
+                      _sha256(tmp / "lm.bin"))
 
         def fill(d: Path) -> None:
             shutil.move(str(tmp / "lm.bin"), d / "lm.bin")
@@ -210,6 +261,8 @@ class LanguageModel:
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "LanguageModel":
+        """The LM folder's files, checked: UTF-8 text files, a binary that KenLM opens and that has the checksum
+        lm.json records (when it records one)."""
         folder = Path(folder)
         binary, lexicon, words = folder / "lm.bin", folder / "lexicon.txt", folder / "words.txt"
         for p in (binary, lexicon, words):
@@ -219,7 +272,66 @@ class LanguageModel:
             magic = f.read(64)
         if not magic.startswith(b"mmap lm"):
             raise LMError(f"{binary}: not a KenLM binary file (damaged or of another kind)")
-        return cls(folder, binary, lexicon, words.read_text().split())
+        lm = cls(folder, binary, lexicon, _read_utf8(words).split())
+        _read_utf8(lexicon)
+        lm.check_binary()
+        recorded = _recorded_sha256(folder / "lm.json")
+        if recorded and _sha256(binary) != recorded:  # damage KenLM cannot see (and may crash on)
+            raise LMError(f"{binary}: damaged KenLM binary (its checksum is not the one in lm.json); "
+                          "rebuild it with asr lm build")
+        return lm
+
+    def check_binary(self) -> None:
+        """Raise LMError unless KenLM opens the binary (it checks its header, size and vocabulary; a few ms)."""
+        self.kenlm(_word_dict(["<unk>"]))
+
+    def kenlm(self, word_dict: "Dictionary") -> "KenLM":
+        """Flashlight's KenLM over this binary; a damaged binary raises LMError instead of RuntimeError."""
+        from flashlight.lib.text.decoder.kenlm import KenLM
+
+        try:
+            return KenLM(str(self.binary), word_dict)
+        except RuntimeError as e:
+            reason = str(e).strip().splitlines()[-1][:200]
+            raise LMError(f"{self.binary}: damaged KenLM binary (truncated, or not written by asr lm build): "
+                          f"{reason}; rebuild it with asr lm build") from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _recorded_sha256(info: Path) -> str:
+    """The lm.bin checksum that lm.json records ("" when there is none: LMs built before it was recorded)."""
+    if not info.is_file():
+        return ""
+    try:
+        recorded = json.loads(_read_utf8(info)).get("binary_sha256", "")
+    except (json.JSONDecodeError, AttributeError):
+        raise LMError(f"{info}: not a JSON object (damaged?)") from None
+    return recorded if isinstance(recorded, str) else ""
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LMError(f"{path}: not UTF-8 text (damaged?): {e}") from None
+
+
+def _word_dict(words: Iterable[str]) -> "Dictionary":
+    """A flashlight word dictionary of these words; unknown words map to the first."""
+    from flashlight.lib.text.dictionary import Dictionary
+
+    word_dict = Dictionary()
+    for w in words:
+        word_dict.add_entry(w)
+    word_dict.set_default_index(0)
+    return word_dict
 
 
 @dataclass
@@ -232,14 +344,8 @@ class Perplexity:
 
 def perplexity(lm: LanguageModel, texts: Sequence[str | os.PathLike]) -> Perplexity:
     """The LM's perplexity on text files or manifests (normalised as for build_lm), through flashlight's KenLM."""
-    from flashlight.lib.text.decoder.kenlm import KenLM
-    from flashlight.lib.text.dictionary import Dictionary
-
-    word_dict = Dictionary()
-    for w in ["<unk>", *lm.words]:
-        word_dict.add_entry(w)
-    word_dict.set_default_index(0)
-    model = KenLM(str(lm.binary), word_dict)
+    word_dict = _word_dict(["<unk>", *lm.words])
+    model = lm.kenlm(word_dict)
     known = set(lm.words)
     log10_prob, words, sentences, oov = 0.0, 0, 0, 0
     for line in normalized_sentences(texts, Vocabulary()):

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .features import FeatureConfig, LogMel, SpecAugment, _lengths_mask
+from .features import FeatureConfig, LogMel, SpecAugment, _lengths_mask, check_number
+
+MAX_PARAMETERS = 1_000_000_000  # 4 GB of fp32 weights; Deep Speech 2 itself has about 60 M
 
 
 @dataclass
@@ -25,13 +27,50 @@ class ModelConfig:
     vocab_size: int = 29
 
     def __post_init__(self) -> None:
+        """Check every value (a model.json or a configuration may hold anything); errors name the key."""
         if isinstance(self.features, dict):
-            self.features = FeatureConfig(**self.features)
-        n = len(self.conv_channels)
-        if not (len(self.conv_kernels) == len(self.conv_strides) == n):
-            raise ValueError("conv_channels, conv_kernels and conv_strides need one entry per conv layer")
-        if self.gru_layers < 1:
-            raise ValueError("gru_layers must be at least 1")
+            try:
+                self.features = FeatureConfig(**self.features)
+            except ValueError as e:
+                raise ValueError(f"features.{e}") from None
+        if not isinstance(self.features, FeatureConfig):
+            raise ValueError(f"features: must be a mapping of feature settings, got {self.features!r}")
+        if not isinstance(self.conv_channels, (list, tuple)) or not 1 <= len(self.conv_channels) <= 16:
+            raise ValueError(f"conv_channels: must be a list of 1 to 16 channel counts, got {self.conv_channels!r}")
+        for i, ch in enumerate(self.conv_channels):
+            check_number(f"conv_channels[{i}]", ch, 1, 4096, integer=True)
+        for key, high in (("conv_kernels", 1024), ("conv_strides", 64)):
+            pairs = getattr(self, key)
+            if not isinstance(pairs, (list, tuple)) or len(pairs) != len(self.conv_channels):
+                raise ValueError(f"{key}: needs one entry per conv layer ({len(self.conv_channels)}, as conv_channels), "
+                                 f"a [time, freq] pair each; got {pairs!r}")
+            for i, pair in enumerate(pairs):
+                if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                    raise ValueError(f"{key}[{i}]: must be a [time, freq] pair, got {pair!r}")
+                for j, v in enumerate(pair):
+                    check_number(f"{key}[{i}][{j}]", v, 1, high, integer=True)
+        check_number("gru_layers", self.gru_layers, 1, 64, integer=True)
+        check_number("gru_hidden", self.gru_hidden, 1, 16384, integer=True)
+        check_number("dropout", self.dropout, 0, 1)
+        if self.dropout == 1:
+            raise ValueError("dropout: must be below 1 (1 drops everything), got 1")
+        check_number("vocab_size", self.vocab_size, 2, 1_000_000, integer=True)
+        if self._parameter_count() > MAX_PARAMETERS:
+            raise ValueError(f"gru_hidden: with gru_layers={self.gru_layers}, conv_channels={self.conv_channels} and "
+                             f"vocab_size={self.vocab_size} the model would have {self._parameter_count():,} "
+                             f"parameters, more than {MAX_PARAMETERS:,}")
+
+    def _parameter_count(self) -> int:
+        """The number of parameters DeepSpeech2 would have, computed without building it."""
+        count, in_ch, freq = 0, 1, self.features.n_mels
+        for ch, (kt, kf), (_, sf) in zip(self.conv_channels, self.conv_kernels, self.conv_strides):
+            count += in_ch * ch * kt * kf + 2 * ch
+            freq, in_ch = (freq + 2 * (kf // 2) - kf) // sf + 1, ch
+        size, h = in_ch * max(freq, 1), self.gru_hidden
+        for _ in range(self.gru_layers):
+            count += 2 * size + 2 * (3 * h * size + 3 * h * h + 6 * h)  # LayerNorm, two directions
+            size = h
+        return count + 2 * h + h * self.vocab_size + self.vocab_size
 
     @property
     def time_stride(self) -> int:

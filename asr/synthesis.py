@@ -41,6 +41,7 @@ import torch
 import torchaudio.functional as AF
 
 from .data import Utterance, write_manifest
+from .errors import ASRError
 
 ENGINES = ("espeak-ng", "flite", "mbrola", "festival", "pico", "piper")
 ESPEAK_ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-gb-x-rp", "en-029")
@@ -54,7 +55,7 @@ PICO_VOICES = ("en-US", "en-GB")
 PIPER_NOISE_TABLE = 1 << 18  # seeded normal values that piper's noise is drawn from (wraps after ~15 s of audio)
 
 
-class SynthesisError(RuntimeError):
+class SynthesisError(ASRError, RuntimeError):
     """A text-to-speech engine is missing or failed; the message says which and how to install it."""
 
 

@@ -6,15 +6,13 @@ share of every global step's batches, rank 0 evaluates, logs and writes checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import dataclasses
 import json
 import logging
 import math
 import random
 import re
-import shutil
-import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +25,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .audio import SAMPLE_RATE, load_audio
-from .checkpoint import CheckpointError, load_model_files, load_trainer_state, recover_dir, save_model
+from .checkpoint import (CheckpointError, architecture_differences, discard_dir, load_model_files, load_trainer_state,
+                         read_model_json, remove_leftovers, reported_write_errors, save_model)
 from .config import ExperimentConfig, config_to_dict
-from .data import BucketBatchSampler, SpeechDataset, Utterance, collate, filter_by_duration, read_manifest
+from .data import (BucketBatchSampler, ManifestError, SpeechDataset, Utterance, check_audio_files, collate,
+                   drop_untrainable, filter_by_duration, read_manifest)
 from .device import autocast, autocast_dtype, resolve_device
 from .distributed import all_gather_objects, all_reduce_sum, barrier, init_distributed
 from .evaluate import decode_utterances
+from .files import replaced_atomically, write_text_atomically
 from .metrics import error_rates
 from .model import DeepSpeech2
 from .text import Vocabulary
@@ -98,10 +99,21 @@ class Trainer:
         self.train_utts = filter_by_duration(read_manifest(train_manifest), data.max_duration)
         self.dev_utts = read_manifest(dev_manifest)
         if not self.train_utts:
-            raise ValueError(f"{train_manifest}: no utterance is shorter than max_duration={data.max_duration}")
+            raise ManifestError(f"{train_manifest}: no utterance is shorter than max_duration={data.max_duration}")
+        check_audio_files(self.train_utts, train_manifest)  # now, not at the first dev evaluation an epoch later
+        check_audio_files(self.dev_utts, dev_manifest)
+        self.skipped_utterances = 0  # audio that passed the check but failed to decode during training
         config.model.vocab_size = len(self.vocab)
         torch.manual_seed(config.train.seed)
         self.model = DeepSpeech2(config.model).to(self.device)
+        listed = len(self.train_utts)
+        self.train_utts, dropped = drop_untrainable(self.train_utts, self.vocab, self.model.output_lengths,
+                                                    speed=max(data.speed_perturb, default=1.0))
+        if dropped and self.dist.is_main:
+            log.warning("%s: %d of %d training utterances skipped, CTC cannot learn from them: %s", train_manifest,
+                        listed - len(self.train_utts), listed, dropped)
+        if not self.train_utts:
+            raise ManifestError(f"{train_manifest}: no utterance can be trained on ({dropped})")
         if config.train.compile:  # in place: parameter names, and so checkpoints, stay the same
             self.model.conv.compile(dynamic=True)
         if self.dist.rank:  # same initial weights everywhere, but each rank its own augmentation draws
@@ -133,11 +145,7 @@ class Trainer:
         source, vocab, _ = load_model_files(folder, "cpu")
         if vocab.tokens != self.vocab.tokens:
             raise CheckpointError(f"{folder}: its vocabulary differs from this run's")
-        mine, theirs = dataclasses.asdict(self.config.model), dataclasses.asdict(source.config)
-        arch = {k for k in mine if k not in ("dropout", "features")}
-        differ = sorted(k for k in arch if mine[k] != theirs[k])
-        differ += sorted(f"features.{k}" for k in mine["features"] if not k.endswith(("masks", "mask_width", "ratio"))
-                         and mine["features"][k] != theirs["features"][k])
+        differ = sorted(architecture_differences(self.config.model, source.config))
         if differ:
             raise CheckpointError(f"{folder}: cannot initialise from it, model settings differ: {', '.join(differ)}")
         self.model.load_state_dict(source.state_dict())
@@ -184,32 +192,48 @@ class Trainer:
             save_model(path, self.model, self.vocab, self._metadata(), trainer_state=state)
             steps = sorted(p for p in self.checkpoint_root.iterdir() if _STEP_DIR.match(p.name))
             for old in steps[: -self.config.train.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+                discard_dir(old)  # renamed first: a kill never leaves a half-deleted step-* folder
         barrier(self.dist)
         return path
 
     def resume(self, path: Path) -> None:
+        """Continue from a checkpoint folder: weights, optimiser, scheduler, position, RNG (and the average)."""
         model, vocab, _ = load_model_files(path, self.device)
         if vocab.tokens != self.vocab.tokens:
-            raise ValueError(f"{path}: checkpoint vocabulary differs from this run's")
-        self.model.load_state_dict(model.state_dict())
+            raise CheckpointError(f"{path}: checkpoint vocabulary differs from this run's")
         state = load_trainer_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.epoch = state["step"], state["epoch"]
-        self.batch_in_epoch, self.best_wer = state["batch_in_epoch"], state["best_wer"]
-        if "rng" not in state:  # written before distributed training: one process's RNG state
-            state["rng"] = [{"torch": state["torch_rng"], "cuda": None, "python": state["python_rng"]}]
+        if self.ema is not None and isinstance(state, dict) and state.get("ema") is None:
+            raise CheckpointError(f"{path}: checkpoint has no weight average but train.ema_decay is set")
+        try:
+            self.model.load_state_dict(model.state_dict())
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step, self.epoch = state["step"], state["epoch"]
+            self.batch_in_epoch, self.best_wer = state["batch_in_epoch"], state["best_wer"]
+            if "rng" not in state:  # written before distributed training: one process's RNG state
+                state["rng"] = [{"torch": state["torch_rng"], "cuda": None, "python": state["python_rng"]}]
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
+            if self.dist.rank < len(state["rng"]):
+                self._set_rng_state(state["rng"][self.dist.rank])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: its training state does not fit this run ({type(e).__name__}: {e})") from None
         if state.get("world_size", 1) != self.dist.world_size:
             log.warning("%s was written by %d process(es), this run has %d: the batch order of the epoch "
                         "in progress changes", path, state.get("world_size", 1), self.dist.world_size)
-        if self.ema is not None:
-            if state.get("ema") is None:
-                raise ValueError(f"{path}: checkpoint has no weight average but train.ema_decay is set")
-            self.ema.load_state_dict(state["ema"])
-        if self.dist.rank < len(state["rng"]):
-            self._set_rng_state(state["rng"][self.dist.rank])
         log.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
+
+    def _check_resumable(self, checkpoint: Path) -> None:
+        """Refuse, before anything is written, to resume from a checkpoint of another model or vocabulary."""
+        config, vocab, _ = read_model_json(checkpoint)
+        differ = [f"{k} {theirs!r} there, {mine!r} now"
+                  for k, (mine, theirs) in sorted(architecture_differences(self.config.model, config).items())]
+        if vocab.tokens != self.vocab.tokens:
+            differ.append("the vocabulary")
+        if differ:
+            raise CheckpointError(f"{self.out}: cannot resume from {checkpoint.name}, model settings differ: "
+                                  f"{'; '.join(differ)}. Train with the checkpoint's settings, or use --restart "
+                                  "(discards that run) or another --out")
 
     def _metadata(self) -> dict:
         best = self.best_wer if math.isfinite(self.best_wer) else None  # JSON has no infinity
@@ -219,12 +243,37 @@ class Trainer:
     # ---------------------------------------------------------------- logging
     def _log_row(self, name: str, row: dict) -> None:
         path = self.out / name
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
+        new = not path.exists() or path.stat().st_size == 0
+        with reported_write_errors(path, "log"), open(path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(row))
             if new:
                 writer.writeheader()
             writer.writerow(row)
+
+    def _trim_logs(self, step: int) -> None:
+        """Drop the log rows past `step` (written after the checkpoint we resume from, by a run that was then
+        killed) and half-written ones; each log is rewritten atomically."""
+        for name in ("train_log.csv", "eval_log.csv"):
+            path = self.out / name
+            if not path.exists():
+                continue
+            with open(path, newline="", errors="replace") as f:
+                reader = csv.DictReader(f)
+                rows = list(reader)
+                fields = reader.fieldnames
+            if not fields or "step" not in fields:  # not even a whole header: nothing to keep
+                path.unlink()
+                continue
+            keep = [r for r in rows if None not in r and None not in r.values()
+                    and r["step"].isdigit() and int(r["step"]) <= step]
+            if len(keep) == len(rows):
+                continue
+            with reported_write_errors(path, "log"), replaced_atomically(path) as (tmp,):
+                with open(tmp, "w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=fields)
+                    writer.writeheader()
+                    writer.writerows(keep)
+            log.info("%s: dropped %d row(s) past step %d", path, len(rows) - len(keep), step)
 
     # ---------------------------------------------------------------- loop
     @property
@@ -264,15 +313,28 @@ class Trainer:
 
         cfg = self.config
         main = self.dist.is_main
+        previous = self.latest_checkpoint() if resume else None
+        if previous is not None:  # before anything in out_dir changes
+            self._check_resumable(previous)
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
-            recover_dir(self.out / "best")
-            (self.out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+            # what kills left: half-written folders and files, swapped-out old copies (put back if needed)
+            leftovers = remove_leftovers(self.out, "best", "config.json", "train_log.csv", "eval_log.csv",
+                                         "checkpoints", "tensorboard")
+            leftovers += remove_leftovers(self.checkpoint_root, "step-*")
+            if leftovers:
+                log.info("removed %d leftover(s) of an interrupted run: %s", len(leftovers), leftovers)
+            with reported_write_errors(self.out / "config.json", "configuration"):
+                write_text_atomically(self.out / "config.json", json.dumps(config_to_dict(cfg), indent=2))
             if not resume:  # a fresh run: earlier checkpoints and logs would mix with this one's
                 for name in ("checkpoints", "tensorboard"):
-                    shutil.rmtree(self.out / name, ignore_errors=True)
+                    if (self.out / name).is_dir():
+                        discard_dir(self.out / name)  # a kill midway must not leave half a checkpoint
                 for name in ("train_log.csv", "eval_log.csv"):
                     (self.out / name).unlink(missing_ok=True)
+            else:  # rows written after the checkpoint we resume from are written again
+                latest = self.latest_checkpoint()
+                self._trim_logs(int(_STEP_DIR.match(latest.name).group(1)) if latest is not None else 0)
         barrier(self.dist)  # out_dir is shared: every rank resumes from what rank 0 left there
         latest = self.latest_checkpoint()
         if latest is not None:
@@ -348,6 +410,19 @@ class Trainer:
         barrier(self.dist)
         return TrainResult(self.best_wer, self.out / "best", self.step)
 
+    def _zero_backward(self, sync: bool) -> None:
+        """A DDP forward and backward that adds nothing to the gradients, for a micro-batch with no utterance
+        left: DDP's collectives (buffer broadcast, gradient all-reduce) must match across ranks."""
+        wave = torch.zeros(1, SAMPLE_RATE, device=self.device)
+        self.model.eval()  # a stand-in must not move BatchNorm statistics
+        try:
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                with autocast(self.device, self.amp_dtype):
+                    log_probs, _ = self.ddp(wave, torch.tensor([SAMPLE_RATE], device=self.device))
+                (log_probs.sum() * 0.0).backward()
+        finally:
+            self.model.train()
+
     def train_step(self, batches: list[dict]) -> dict:
         """One optimiser step over this rank's `batches` (gradient accumulation) and the other ranks' batches.
 
@@ -355,14 +430,27 @@ class Trainer:
         number, whatever the split across ranks and micro-batches: one process accumulating N
         batches takes the same step as N processes with one batch each.
         """
+        for bad in (bad for b in batches for bad in b["unreadable"]):  # failed to decode in a loader worker
+            self.skipped_utterances += 1
+            log.warning("%s: %s; skipped (%d unreadable utterance(s) so far)", bad.source, bad.problem,
+                        self.skipped_utterances)
         counts = torch.tensor([sum(len(b["ids"]) for b in batches),
                                sum(int(b["wave_lengths"].sum()) for b in batches)], dtype=torch.float64)
         utterances, samples = all_reduce_sum(self.dist, counts).tolist()
+        self.optimizer.zero_grad(set_to_none=True)
+        if utterances == 0:  # every utterance of this step, on every rank, failed to load: nothing to learn
+            log.warning("step %d: no readable utterance, update skipped", self.step)
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+            return {"loss": 0.0, "grad_norm": 0.0, "lr": lr, "audio_seconds": 0.0}
         scale = self.dist.world_size / utterances  # DDP averages gradients over ranks
         model = self.ddp or self.model
-        self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, batch in enumerate(batches):
+            if not batch["ids"]:  # all failed to load; under DDP, still take part in every collective
+                if self.ddp is not None:
+                    self._zero_backward(sync=i == len(batches) - 1)
+                continue
             sync = self.ddp is None or i == len(batches) - 1  # all-reduce gradients once, after the last
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 waves = batch["waves"].to(self.device, non_blocking=True)

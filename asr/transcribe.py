@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence, overload
 
+import soundfile as sf
 import torch
 
-from .audio import SAMPLE_RATE, AudioInput, load_audio
+from .audio import SAMPLE_RATE, AudioInput, load_audio, to_mono_16k
 from .beam_search import BeamSearchDecoder, BeamSearchOptions
 from .checkpoint import DECODER_FILE, LM_DIR, CheckpointError, load_model_files
 from .decoding import Transcription, greedy_decode
 from .device import resolve_device
+from .errors import OptionsError
+from .files import recover_dir
 from .lm import LanguageModel
 from .model import DeepSpeech2
 from .onnx_export import OnnxNetwork, load_onnx_network
 from .packaging import default_model_dir
+from .speech_activity import SPEECH_HOP, keep_spoken_words, speech_frames
 from .text import Vocabulary
 
 DEFAULT_MODEL_ENV = "ASR_MODEL"
@@ -36,8 +41,37 @@ class TranscribeOptions:
     lm_weight: float | None = None
     word_score: float | None = None
     lexicon: bool | None = None
-    hotwords: list[str] = field(default_factory=list)
+    hotwords: list[str] = field(default_factory=list)  # a string is one word or phrase
     hotword_weight: float | None = None
+    # drop words where the audio holds no speech-like sound (silence, hiss, white noise): see speech_activity.py
+    speech_check: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hotwords, str):
+            self.hotwords = [self.hotwords]
+        problems = []
+        if self.decoder not in ("greedy", "beam"):
+            problems.append(f"decoder must be 'greedy' or 'beam', not {self.decoder!r}")
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            problems.append(f"batch_size must be a whole number >= 1, not {self.batch_size!r}")
+        if not 0 <= self.overlap_seconds < self.chunk_seconds:
+            problems.append(f"chunk_seconds ({self.chunk_seconds}) must be longer than overlap_seconds "
+                            f"({self.overlap_seconds}), and overlap_seconds >= 0")
+        if self.beam_size is not None and self.beam_size < 1:
+            problems.append(f"beam_size must be at least 1, not {self.beam_size}")
+        if problems:
+            raise OptionsError("; ".join(problems))
+
+    @classmethod
+    def from_kwargs(cls, options: dict) -> "TranscribeOptions":
+        """Options from keyword arguments; an unknown name is an OptionsError that suggests the close ones."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        for name in options:
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=3)
+                hint = f" (did you mean {', '.join(close)}?)" if close else f"; known: {', '.join(names)}"
+                raise OptionsError(f"unknown transcribe option {name!r}{hint}")
+        return cls(**options)
 
 
 @dataclass
@@ -84,27 +118,28 @@ class ASRModel:
     def _samples_per_frame(self) -> int:
         return self.model.config.features.hop_length * self.model.config.time_stride
 
-    def _windows(self, item: int, wave: torch.Tensor, opts: TranscribeOptions) -> list[_Window]:
+    def _window_starts(self, samples: int, opts: TranscribeOptions) -> tuple[list[int], int]:
+        """Start samples of the overlapping windows that cover `samples`, and the window length."""
         per_frame = self._samples_per_frame()
         chunk = int(opts.chunk_seconds * SAMPLE_RATE) // per_frame * per_frame
         overlap = int(opts.overlap_seconds * SAMPLE_RATE) // per_frame * per_frame
-        if chunk <= overlap or overlap < 0:
-            raise ValueError("chunk_seconds must be longer than overlap_seconds (and overlap >= 0)")
-        if len(wave) <= chunk:
-            return [_Window(item, 0, wave)]
-        starts = list(range(0, len(wave) - overlap, chunk - overlap))
+        if chunk <= overlap:
+            raise OptionsError(f"chunk_seconds ({opts.chunk_seconds}) must exceed overlap_seconds "
+                               f"({opts.overlap_seconds}) by at least one output frame")
+        if samples <= chunk:
+            return [0], chunk
+        return list(range(0, samples - overlap, chunk - overlap)), chunk
+
+    def _windows(self, item: int, wave: torch.Tensor, opts: TranscribeOptions) -> list[_Window]:
+        starts, chunk = self._window_starts(len(wave), opts)
         return [_Window(item, s, wave[s: s + chunk]) for s in starts]
 
-    @torch.no_grad()
-    def posteriors(self, waves: Sequence[torch.Tensor], options: TranscribeOptions | None = None
-                   ) -> list[torch.Tensor]:
-        """CTC log-probabilities (frames, vocab) per 16 kHz waveform, long ones windowed and stitched."""
-        opts = options or TranscribeOptions()
-        windows = [w for i, wave in enumerate(waves) for w in self._windows(i, wave, opts)]
+    def _window_posteriors(self, windows: list[_Window], batch_size: int) -> list[torch.Tensor]:
+        """CTC log-probabilities of each window, batched in length order."""
         order = sorted(range(len(windows)), key=lambda k: len(windows[k].wave))
-        outputs: list[torch.Tensor | None] = [None] * len(windows)
-        for b in range(0, len(order), opts.batch_size):
-            idx = order[b: b + opts.batch_size]
+        outputs: list[torch.Tensor] = [torch.empty(0)] * len(windows)
+        for b in range(0, len(order), batch_size):
+            idx = order[b: b + batch_size]
             lengths = torch.tensor([len(windows[k].wave) for k in idx])
             batch = torch.zeros(len(idx), int(lengths.max()))
             for row, k in enumerate(idx):
@@ -112,18 +147,65 @@ class ASRModel:
             log_probs, out_lengths = self._network(batch, lengths)
             for row, k in enumerate(idx):
                 outputs[k] = log_probs[row, : out_lengths[row]].cpu()
+        return outputs
+
+    def _stitch(self, pieces: list[tuple[int, torch.Tensor]], opts: TranscribeOptions) -> torch.Tensor:
+        """One item's windows' (start sample, log-probs), in order, joined at the middle of each overlap."""
         per_frame = self._samples_per_frame()
         half_overlap = int(opts.overlap_seconds * SAMPLE_RATE) // per_frame // 2
-        stitched = []
-        for i in range(len(waves)):
-            mine = [(w, outputs[k]) for k, w in enumerate(windows) if w.item == i]
-            pieces = []
-            for j, (w, lp) in enumerate(mine):
-                first = 0 if j == 0 else half_overlap
-                last = len(lp) if j == len(mine) - 1 else (mine[j + 1][0].start - w.start) // per_frame + half_overlap
-                pieces.append(lp[first:last])
-            stitched.append(torch.cat(pieces))
-        return stitched
+        kept = []
+        for j, (start, lp) in enumerate(pieces):
+            first = 0 if j == 0 else half_overlap
+            last = len(lp) if j == len(pieces) - 1 else (pieces[j + 1][0] - start) // per_frame + half_overlap
+            kept.append(lp[first:last])
+        return torch.cat(kept)
+
+    @torch.no_grad()
+    def posteriors(self, waves: Sequence[torch.Tensor], options: TranscribeOptions | None = None
+                   ) -> list[torch.Tensor]:
+        """CTC log-probabilities (frames, vocab) per 16 kHz waveform, long ones windowed and stitched."""
+        opts = options or TranscribeOptions()
+        windows = [w for i, wave in enumerate(waves) for w in self._windows(i, wave, opts)]
+        outputs = self._window_posteriors(windows, opts.batch_size)
+        return [self._stitch([(w.start, lp) for w, lp in zip(windows, outputs) if w.item == i], opts)
+                for i in range(len(waves))]
+
+    @torch.no_grad()
+    def _stream_file(self, path: str | os.PathLike, opts: TranscribeOptions
+                     ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """Log-probabilities, speech frames and duration of a long file, read a batch of windows at a time.
+
+        Memory stays bounded by the windows in flight, whatever the length. None when the file is not
+        longer than one window, or its header or data cannot be trusted (the caller then reads it whole).
+        """
+        try:
+            info = sf.info(str(path))
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+            return None
+        rate = info.samplerate
+        samples = info.frames * SAMPLE_RATE // rate if info.frames > 0 else 0
+        starts, chunk = self._window_starts(samples, opts)
+        if len(starts) == 1:
+            return None
+        pieces: list[tuple[int, torch.Tensor]] = []
+        speech = torch.zeros(samples // SPEECH_HOP + 1, dtype=torch.bool)
+        try:
+            with sf.SoundFile(str(path)) as f:
+                for b in range(0, len(starts), opts.batch_size):
+                    windows = []
+                    for start in starts[b: b + opts.batch_size]:
+                        first = start * rate // SAMPLE_RATE
+                        f.seek(first)
+                        data = f.read(-(-(start + chunk) * rate // SAMPLE_RATE) - first, dtype="float32",
+                                      always_2d=True)
+                        wave = to_mono_16k(data, rate, path, min_duration=0.0)[:chunk]
+                        windows.append(_Window(0, start, wave))
+                        active = speech_frames(wave)[: len(speech) - start // SPEECH_HOP]
+                        speech[start // SPEECH_HOP: start // SPEECH_HOP + len(active)] |= active
+                    pieces += [(w.start, lp) for w, lp in zip(windows, self._window_posteriors(windows, len(windows)))]
+        except (sf.LibsndfileError, RuntimeError):  # damaged past its header: read_audio_file says how
+            return None
+        return self._stitch(pieces, opts), speech, samples / SAMPLE_RATE
 
     @overload
     def transcribe(self, audio: AudioInput, sample_rate: int | None = None, **options) -> Transcription: ...
@@ -134,14 +216,23 @@ class ASRModel:
         """Transcribe a path, an array/tensor of samples (give `sample_rate`), or a list of them.
 
         Returns a Transcription (text, words with start/end seconds and confidence, duration), or a list.
-        Options are the fields of TranscribeOptions (decoder, batch_size, chunk_seconds, overlap_seconds).
+        Options are the fields of TranscribeOptions (decoder, batch_size, chunk_seconds, ...). Files longer
+        than a window are read window by window, so memory does not grow with their length.
         """
-        opts = TranscribeOptions(**options)
-        self._check_decoder(opts.decoder)
+        opts = TranscribeOptions.from_kwargs(options)
         single = not isinstance(audio, (list, tuple))
         items = [audio] if single else list(audio)
-        waves = [load_audio(a, sample_rate) for a in items]
-        results = [self.decode(lp, len(wave) / SAMPLE_RATE, opts) for wave, lp in zip(waves, self.posteriors(waves, opts))]
+        results: list[Transcription | None] = [None] * len(items)
+        loaded = []
+        for k, item in enumerate(items):
+            streamed = self._stream_file(item, opts) if isinstance(item, (str, os.PathLike)) else None
+            if streamed is None:
+                loaded.append((k, load_audio(item, sample_rate)))
+            else:
+                log_probs, speech, duration = streamed
+                results[k] = self.decode(log_probs, duration, opts, speech=speech)
+        for (k, wave), log_probs in zip(loaded, self.posteriors([w for _, w in loaded], opts)):
+            results[k] = self.decode(log_probs, len(wave) / SAMPLE_RATE, opts, wave)
         return results[0] if single else results
 
     @property
@@ -166,11 +257,15 @@ class ASRModel:
 
     def _check_decoder(self, name: str) -> None:
         if name not in self.decoders:
-            raise ValueError(f"unknown decoder {name!r}; available: {', '.join(map(repr, self.decoders))}")
+            raise OptionsError(f"unknown decoder {name!r}; available: {', '.join(map(repr, self.decoders))}")
 
-    def decode(self, log_probs: torch.Tensor, duration: float, options: TranscribeOptions | None = None
-               ) -> Transcription:
-        """Text and words from one utterance's CTC log-probabilities (frames, vocab), as `posteriors` gives."""
+    def decode(self, log_probs: torch.Tensor, duration: float, options: TranscribeOptions | None = None,
+               wave: torch.Tensor | None = None, speech: torch.Tensor | None = None) -> Transcription:
+        """Text and words from one utterance's CTC log-probabilities (frames, vocab), as `posteriors` gives.
+
+        With its 16 kHz `wave` (or its `speech_frames`), words where the audio has no speech-like sound are
+        dropped (`speech_check`).
+        """
         opts = options or TranscribeOptions()
         self._check_decoder(opts.decoder)
         lengths = torch.tensor([len(log_probs)])
@@ -182,6 +277,10 @@ class ASRModel:
         result.duration = round(duration, 3)
         for w in result.words:
             w.end = min(w.end, result.duration)
+        if wave is not None and speech is None:
+            speech = speech_frames(wave)
+        if speech is not None and opts.speech_check:
+            result = keep_spoken_words(result, speech)
         return result
 
     @torch.no_grad()
@@ -209,8 +308,17 @@ def load_model(path: str | os.PathLike | None = None, device: str = "auto",
     path = Path(path)
     model, vocab, meta = load_model_files(path, resolve_device(device))
     onnx = load_onnx_network(path, backend, next(model.parameters()).device)
+    try:
+        recover_dir(path / LM_DIR)  # a copy of lm/ interrupted between its two renames
+    except OSError as e:
+        raise CheckpointError(f"{path / LM_DIR}: an interrupted update left it in {LM_DIR}.old and it cannot be "
+                              f"put back ({e})") from None
     if lm is None and (path / LM_DIR).is_dir():
         lm = path / LM_DIR
+    if lm is None and (path / DECODER_FILE).is_file():
+        raise CheckpointError(f"{path / DECODER_FILE} holds beam settings tuned with a language model, but "
+                              f"{path / LM_DIR} is missing: run `asr lm tune` again, pass the LM (lm=..., --lm), or "
+                              f"delete {DECODER_FILE} to use the model without one")
     language_model = LanguageModel.load(lm) if lm is not None else None
     beam = None
     if (path / DECODER_FILE).is_file() and language_model is not None:

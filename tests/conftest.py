@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -104,3 +111,51 @@ def trained_tiny_model(tone_corpus, tmp_path_factory) -> Path:
     result = Trainer(config, train, tone_corpus, out, progress=False).fit()
     assert result.best_wer == 0.0, f"tiny model did not overfit (best WER {result.best_wer})"
     return result.best_dir
+
+
+# ---------------------------------------------------------------- the reliability table
+# Tests of bad input record (case, interface, outcome) rows; with ASR_RELIABILITY_TABLE=FILE the session
+# writes them as the markdown table that README.md's reliability section shows.
+RELIABILITY_ROWS: list[tuple[str, str, str]] = []
+
+
+@pytest.fixture
+def reliability():
+    """record(case, interface, outcome): one row of the reliability table; call it after the assertions."""
+    return lambda case, interface, outcome: RELIABILITY_ROWS.append((case, interface, outcome))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    target = os.environ.get("ASR_RELIABILITY_TABLE")
+    if not target or not RELIABILITY_ROWS:
+        return
+    lines = ["| case | interface | outcome |", "|---|---|---|"]
+    lines += [f"| {c} | {i} | {o.replace('|', '/')} |" for c, i, o in sorted(set(RELIABILITY_ROWS))]
+    Path(target).write_text("\n".join(lines) + "\n")
+
+
+@contextlib.contextmanager
+def served_demo(args: list[str], log: Path) -> Iterator[str]:
+    """`asr demo ARGS` on a free port of 127.0.0.1, its output in `log`; yields its URL, stops it at the end."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "asr.cli", "demo", *args, "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"the demo did not start:\n{log.read_text()}")
+                time.sleep(0.5)
+        yield url
+        assert proc.poll() is None, f"the demo server died:\n{log.read_text()}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -2,11 +2,6 @@
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from .conftest import TEXTS, require_system_tools, tone_speech
+from .conftest import TEXTS, require_system_tools, served_demo, tone_speech
 
 gradio_client = pytest.importorskip("gradio_client", reason="the demo tests need the dev extra (gradio_client)")
 
@@ -22,36 +17,13 @@ MAX_SECONDS = 4.0
 MAX_UPLOAD_MB = 0.5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def demo_url(trained_tiny_model, tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("demo") / "demo.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "asr.cli", "demo", "--model", str(trained_tiny_model),
-                                 "--port", str(port), "--max-seconds", str(MAX_SECONDS),
-                                 "--max-upload-mb", str(MAX_UPLOAD_MB)], stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"the demo did not start:\n{log.read_text()}")
-                time.sleep(0.5)
+    with served_demo(["--model", str(trained_tiny_model), "--max-seconds", str(MAX_SECONDS),
+                      "--max-upload-mb", str(MAX_UPLOAD_MB)], log) as url:
         assert "127.0.0.1" in log.read_text()  # local only unless --host says otherwise
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +73,9 @@ def test_bad_input_gets_a_clear_message_and_the_app_keeps_serving(demo_url, audi
     assert _transcribe(client, audio_files["cab"], str(trained_tiny_model))[0] == "cab"
 
 
-def test_a_missing_model_folder_is_named(demo_url, audio_files, tmp_path):
+def test_a_model_folder_not_offered_is_refused(demo_url, audio_files, tmp_path):
     client = gradio_client.Client(demo_url, verbose=False)
-    with pytest.raises(gradio_client.exceptions.AppError, match="Cannot load the model in .*nowhere"):
+    with pytest.raises(gradio_client.exceptions.AppError, match="not one of the models this demo offers"):
         _transcribe(client, audio_files["cab"], str(tmp_path / "nowhere"))
 
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import asr
-from asr.audio import AudioError
+from asr.data import ManifestError
 from asr.checkpoint import load_trainer_state
 from asr.config import load_config
 from asr.train import Trainer
@@ -82,7 +82,7 @@ def test_bad_audio_in_training_manifest_names_the_file(tone_corpus, tmp_path):
     bad.write_bytes(b"RIFF....WAVEfmt garbage")
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(manifest_text_with_absolute_paths(tone_corpus).replace(f"{tone_corpus.parent}/utt1.wav", str(bad)))
-    with pytest.raises(AudioError, match=r"broken\.wav"):
+    with pytest.raises(ManifestError, match=r"line 2: \S*broken\.wav"):
         _run(manifest, tmp_path / "out").fit()
 
 

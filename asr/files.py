@@ -1,0 +1,91 @@
+"""Writing files and folders atomically: a reader sees the old version or the new one, never half of one.
+
+Everything asr writes that a user keeps (model folders, checkpoints, manifests, LM folders, scoring
+results) goes through here, so a crash, a kill or a full disk never leaves a damaged file under the
+real name, and never loses the previous version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def _ordinary_permissions(path: Path) -> None:
+    """mkstemp/mkdtemp make private files; what asr writes is an ordinary file (umask applies)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+@contextlib.contextmanager
+def replaced_atomically(*paths: str | os.PathLike) -> Iterator[list[Path]]:
+    """Temporary paths beside `paths` to write; when the block ends without error, each replaces its target.
+
+    All files are written (and flushed to disk) before any target is replaced, so related files (e.g.
+    results and their summary) change together; on error the targets are untouched and the temporaries go.
+    """
+    targets = [Path(p) for p in paths]
+    temps = []
+    try:
+        for target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            os.close(fd)
+            temps.append(Path(name))
+        yield temps
+        for tmp in temps:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            _ordinary_permissions(tmp)
+        for tmp, target in zip(temps, targets):
+            os.replace(tmp, target)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write a text file (UTF-8) so that it is either the old file or the whole new one."""
+    with replaced_atomically(path) as (tmp,):
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_dir_atomically(final: str | os.PathLike, write: Any) -> None:
+    """Call `write(tmp_dir)`, then move tmp_dir to `final`, replacing any old folder.
+
+    The old folder is only removed after the new one is complete; a crash in between leaves
+    `final.old`, which `recover_dir` puts back.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(final)  # `final.old` may be the only copy (an earlier kill): never delete it below
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        write(tmp)
+        _ordinary_permissions(tmp)
+        for f in tmp.rglob("*"):
+            _ordinary_permissions(f)
+            if f.is_file():  # on disk before the rename makes them the real folder
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+        old = final.with_name(final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_dir(final: str | os.PathLike) -> None:
+    """Undo a folder swap interrupted between its two renames (`final.old` is back as `final`)."""
+    old = Path(final).with_name(Path(final).name + ".old")
+    if old.exists() and not Path(final).exists():
+        os.replace(old, final)
