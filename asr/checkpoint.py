@@ -3,7 +3,7 @@
 A training checkpoint adds `trainer.pt` (optimiser, scheduler, sampler position, RNG), read with
 `torch.load(weights_only=True)`, so no code is ever executed when loading. Every value of model.json is
 checked before a model is built from it, and kills or a full disk never leave a damaged folder under a
-checkpoint's name (`remove_leftovers` deletes what they leave beside it).
+checkpoint's name (`files.remove_leftovers` deletes what they leave beside it).
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import dataclasses
 import io
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -169,38 +167,3 @@ def load_trainer_state(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{f}: not found (not a training checkpoint)") from None
     except Exception as e:  # torch raises several types for corrupt files
         raise CheckpointError(f"{f}: corrupt trainer state ({e})") from None
-
-
-def discard_dir(path: str | os.PathLike) -> None:
-    """Delete a folder so that a kill midway never leaves a half-deleted folder under its name.
-
-    It is first renamed to a temporary name (`.NAME.tmp-*`), which `remove_leftovers` deletes when a
-    kill interrupts the deletion.
-    """
-    path = Path(path)
-    gone = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    os.replace(path, gone)  # a folder may replace an empty one
-    shutil.rmtree(gone, ignore_errors=True)
-
-
-def remove_leftovers(folder: str | os.PathLike, *names: str) -> list[Path]:
-    """Clean up what kills during atomic writes left in `folder` for the given names (glob patterns).
-
-    A `NAME.old` whose NAME is missing (a kill between a folder swap's two renames) is put back; then the
-    temporaries (`.NAME.tmp-*` folders, `.NAME.*.tmp` files) and leftover `NAME.old` copies are deleted.
-    Returns what was deleted.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    for name in names:
-        for old in folder.glob(f"{name}.old"):
-            recover_dir(old.with_name(old.name[: -len(".old")]))
-    leftovers = sorted({p for name in names for pattern in (f".{name}.tmp-*", f".{name}.*.tmp", f"{name}.old")
-                        for p in folder.glob(pattern)})
-    for p in leftovers:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-    return leftovers

@@ -89,3 +89,38 @@ def recover_dir(final: str | os.PathLike) -> None:
     old = Path(final).with_name(Path(final).name + ".old")
     if old.exists() and not Path(final).exists():
         os.replace(old, final)
+
+
+def discard_dir(path: str | os.PathLike) -> None:
+    """Delete a folder so that a kill midway never leaves a half-deleted folder under its name.
+
+    It is first renamed to a temporary name (`.NAME.tmp-*`), which `remove_leftovers` deletes when a
+    kill interrupts the deletion.
+    """
+    path = Path(path)
+    gone = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    os.replace(path, gone)  # a folder may replace an empty one
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def remove_leftovers(folder: str | os.PathLike, *names: str) -> list[Path]:
+    """Clean up what kills during atomic writes left in `folder` for the given names (glob patterns).
+
+    A `NAME.old` whose NAME is missing (a kill between a folder swap's two renames) is put back; then the
+    temporaries (`.NAME.tmp-*` folders, `.NAME.*.tmp` files) and leftover `NAME.old` copies are deleted.
+    Returns what was deleted.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    for name in names:
+        for old in folder.glob(f"{name}.old"):
+            recover_dir(old.with_name(old.name[: -len(".old")]))
+    leftovers = sorted({p for name in names for pattern in (f".{name}.tmp-*", f".{name}.*.tmp", f"{name}.old")
+                        for p in folder.glob(pattern)})
+    for p in leftovers:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return leftovers

@@ -25,15 +25,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .audio import SAMPLE_RATE, load_audio
-from .checkpoint import (CheckpointError, architecture_differences, discard_dir, load_model_files, load_trainer_state,
-                         read_model_json, remove_leftovers, reported_write_errors, save_model)
+from .checkpoint import (CheckpointError, architecture_differences, load_model_files, load_trainer_state,
+                         read_model_json, reported_write_errors, save_model)
 from .config import ExperimentConfig, config_to_dict
 from .data import (BucketBatchSampler, ManifestError, SpeechDataset, Utterance, check_audio_files, collate,
                    drop_untrainable, filter_by_duration, read_manifest)
 from .device import autocast, autocast_dtype, resolve_device
 from .distributed import all_gather_objects, all_reduce_sum, barrier, init_distributed
 from .evaluate import decode_utterances
-from .files import replaced_atomically, write_text_atomically
+from .files import discard_dir, remove_leftovers, replaced_atomically, write_text_atomically
 from .metrics import error_rates
 from .model import DeepSpeech2
 from .text import Vocabulary
