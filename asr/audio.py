@@ -52,7 +52,7 @@ def _read_with_ffmpeg(path: Path, reason: str) -> tuple[np.ndarray, int]:
     return np.frombuffer(proc.stdout, dtype=np.float32).copy(), SAMPLE_RATE
 
 
-def _libsndfile_reason(error: Exception) -> str:
+def libsndfile_reason(error: Exception) -> str:
     """libsndfile's own words without the "Error opening 'path': " prefix."""
     reason = str(error).split(": ", 1)[-1].strip().rstrip(".")
     if "possibly a pipe" in reason:  # what it says of a regular file whose format it does not know (e.g. .mp3)
@@ -77,7 +77,7 @@ def _read_blocks(path: Path, channels: int) -> tuple[np.ndarray, str]:
             while len(block := f.read(8_192, dtype="float32", always_2d=True)):
                 blocks.append(block)
     except (sf.LibsndfileError, RuntimeError) as e:
-        problem = _libsndfile_reason(e)
+        problem = libsndfile_reason(e)
     return (np.concatenate(blocks) if blocks else np.zeros((0, channels), np.float32)), problem
 
 
@@ -105,7 +105,7 @@ def read_audio_file(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     try:
         f = sf.SoundFile(str(path))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        return _read_with_ffmpeg(path, _libsndfile_reason(e))
+        return _read_with_ffmpeg(path, libsndfile_reason(e))
     with f:
         rate, expected, kind, channels = f.samplerate, f.frames, f.format, f.channels
         try:

@@ -21,7 +21,7 @@ import soundfile as sf
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .audio import MIN_DURATION, SAMPLE_RATE, AudioError, check_audio_path, load_audio
+from .audio import MIN_DURATION, SAMPLE_RATE, AudioError, check_audio_path, libsndfile_reason, load_audio
 from .augment import Augmenter, AugmentOptions
 from .config import ConfigError
 from .errors import ASRError
@@ -124,7 +124,7 @@ def _header_problem(path: Path) -> str | None:
     try:
         info = sf.info(str(path))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        reason = f"libsndfile: {str(e).split(': ', 1)[-1].strip().rstrip('.')}"
+        reason = f"libsndfile: {libsndfile_reason(e)}"
         if shutil.which("ffprobe") is None:
             return f"no readable audio header ({reason})"
         probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "a", "-show_entries",

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence, TextIO
 
+from .data import read_utf8
 from .errors import ASRError
 from .files import write_dir_atomically
 from .text import Vocabulary, normalize_text
@@ -272,8 +273,8 @@ class LanguageModel:
             magic = f.read(64)
         if not magic.startswith(b"mmap lm"):
             raise LMError(f"{binary}: not a KenLM binary file (damaged or of another kind)")
-        lm = cls(folder, binary, lexicon, _read_utf8(words).split())
-        _read_utf8(lexicon)
+        lm = cls(folder, binary, lexicon, read_utf8(words, LMError).split())
+        read_utf8(lexicon, LMError)
         lm.check_binary()
         recorded = _recorded_sha256(folder / "lm.json")
         if recorded and _sha256(binary) != recorded:  # damage KenLM cannot see (and may crash on)
@@ -310,17 +311,10 @@ def _recorded_sha256(info: Path) -> str:
     if not info.is_file():
         return ""
     try:
-        recorded = json.loads(_read_utf8(info)).get("binary_sha256", "")
+        recorded = json.loads(read_utf8(info, LMError)).get("binary_sha256", "")
     except (json.JSONDecodeError, AttributeError):
         raise LMError(f"{info}: not a JSON object (damaged?)") from None
     return recorded if isinstance(recorded, str) else ""
-
-
-def _read_utf8(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LMError(f"{path}: not UTF-8 text (damaged?): {e}") from None
 
 
 def _word_dict(words: Iterable[str]) -> "Dictionary":

@@ -14,10 +14,10 @@ import torch
 from tqdm import tqdm
 
 from .audio import load_audio
-from .checkpoint import write_dir_atomically
-from .data import read_manifest
-from .metrics import error_rates
 from .checkpoint import DECODER_FILE, LM_DIR
+from .data import read_manifest
+from .files import write_dir_atomically, write_text_atomically
+from .metrics import error_rates
 from .transcribe import ASRModel
 
 DEFAULT_LM_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -63,6 +63,4 @@ def store_decoder(model_dir: str | os.PathLike, lm_dir: str | os.PathLike, tuned
     if lm_dir.resolve() != (model_dir / LM_DIR).resolve():
         write_dir_atomically(model_dir / LM_DIR, lambda d: [shutil.copy2(p, d / p.name) for p in lm_dir.iterdir()
                                                             if p.is_file()])
-    tmp = model_dir / f".{DECODER_FILE}.tmp"
-    tmp.write_text(json.dumps(tuned, indent=2))
-    os.replace(tmp, model_dir / DECODER_FILE)
+    write_text_atomically(model_dir / DECODER_FILE, json.dumps(tuned, indent=2))
