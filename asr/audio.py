@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Sequence, Union
 
 import numpy as np
 import soundfile as sf
@@ -173,3 +173,12 @@ def audio_duration(path: str | os.PathLike) -> float:
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
         pass
     return len(load_audio(path, min_duration=0.0)) / SAMPLE_RATE
+
+
+def pad_waves(waves: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Waveforms of any lengths -> a zero-padded batch (batch, samples) and their lengths."""
+    lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
+    batch = torch.zeros(len(waves), int(lengths.max()) if len(waves) else 0)
+    for row, w in enumerate(waves):
+        batch[row, : len(w)] = w
+    return batch, lengths

@@ -1,8 +1,9 @@
-"""The `asr` command: prepare, train, evaluate, transcribe."""
+"""The `asr` command: prepare, train, evaluate, transcribe, export, lm (build, tune, ...) and demo."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -10,7 +11,8 @@ import warnings
 from pathlib import Path
 
 from .audio import AudioError
-from .errors import ASRError
+from .decoding import DECODERS
+from .errors import ASRError, OptionsError
 
 FORMATS = ("txt", "json", "srt", "vtt")
 TRAIN_LAUNCHES = """Train from manifests; resumes from OUT/checkpoints if present.
@@ -60,8 +62,8 @@ def format_subtitles(words: list, fmt: str, max_words: int = 10, max_gap: float 
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from . import corpora
-    from .corpora import CorpusError
+    from .train import corpora
+    from .train.corpora import CorpusError
 
     out = Path(args.out)
     if args.corpus == "fsdd":
@@ -78,8 +80,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .distributed import destroy
-    from .train import Trainer
+    from .train.distributed import destroy
+    from .train.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
     trainer = Trainer(config, args.train, args.dev, args.out, progress=not args.no_progress)
@@ -91,18 +93,26 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"best dev WER {result.best_wer:.2%}; model in {result.best_dir}")
 
 
-def _decoder_options(args: argparse.Namespace):
-    from .transcribe import TranscribeOptions
+def _decoding_options(args: argparse.Namespace) -> dict:
+    """The DecodingOptions fields given on the command line (the others stay the model's)."""
+    given = {"decoder": args.decoder, "beam_size": args.beam_size, "beam_threshold": args.beam_threshold,
+             "lm_weight": args.lm_weight, "word_score": args.word_score, "hotword_weight": args.hotword_weight,
+             "lexicon": False if args.no_lexicon else None, "hotwords": args.hotword}
+    return {k: v for k, v in given.items() if v is not None}
 
-    return TranscribeOptions(decoder=args.decoder, beam_size=args.beam_size, lm_weight=args.lm_weight,
-                             word_score=args.word_score, lexicon=False if args.no_lexicon else None,
-                             hotwords=list(args.hotword or []), hotword_weight=args.hotword_weight)
 
-
-def _add_decoder_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--decoder", choices=["greedy", "beam"], default="greedy")
+def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `transcribe` and `evaluate`: device, backend, windows and decoding."""
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", choices=["auto", "onnx", "torch"],
+                   help="what runs the network (default: $ASR_BACKEND or auto: onnxruntime on the CPU when the "
+                        "model folder has model.onnx, else torch)")
+    p.add_argument("--chunk-seconds", type=float, default=30.0, help="window length for long audio")
+    p.add_argument("--decoder", choices=list(DECODERS), help="greedy (default) or beam")
     p.add_argument("--lm", help="language model folder (asr lm build); default: the model folder's lm/")
     p.add_argument("--beam-size", type=int, help="beam search: hypotheses kept (default: tuned or 50)")
+    p.add_argument("--beam-threshold", type=float, help="beam search: drop hypotheses this far below the best "
+                   "(default: tuned or 10)")
     p.add_argument("--lm-weight", type=float, help="beam search: alpha (default: the model's tuned value)")
     p.add_argument("--word-score", type=float, help="beam search: beta (default: the model's tuned value)")
     p.add_argument("--no-lexicon", action="store_true", help="beam search: allow any spelling, no word LM")
@@ -112,20 +122,20 @@ def _add_decoder_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate_manifest
-    from .transcribe import load_model
+    from .serve.evaluate import evaluate_manifest
+    from .serve.transcribe import load_model
 
-    model = load_model(args.model, device=args.device, lm=args.lm)
-    opts = _decoder_options(args)
-    beam = model.beam_decoder(model.beam_search_options(opts)) if opts.decoder == "beam" else None
-    summary = evaluate_manifest(model.model, model.vocab, args.manifest, args.out, beam=beam)
+    model = load_model(args.model, device=args.device, lm=args.lm, backend=args.backend)
+    summary = evaluate_manifest(model, args.manifest, args.out, progress=not args.no_progress,
+                                chunk_seconds=args.chunk_seconds, **_decoding_options(args))
     print(json.dumps(summary, indent=2))
 
 
 def cmd_lm(args: argparse.Namespace) -> None:
-    from .lm import LanguageModel, build_lm, kenlm_tools, perplexity
-    from .transcribe import load_model
-    from .tune import store_decoder, tune_beam
+    from .lm.kenlm_tools import kenlm_tools
+    from .lm.language_model import LanguageModel, build_lm, perplexity
+    from .lm.tune import store_decoder, tune_beam
+    from .serve.transcribe import load_model
 
     if args.lm_command == "tools":
         print("\n".join(map(str, kenlm_tools(args.kenlm_source, quiet=False))))
@@ -150,7 +160,7 @@ def cmd_lm(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .onnx_export import export_onnx
+    from .serve.onnx_export import export_onnx
 
     try:
         print(export_onnx(args.model, args.out))
@@ -159,14 +169,19 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_transcribe(args: argparse.Namespace) -> None:
-    from .transcribe import load_model
+    from .serve.transcribe import load_model
 
     model = load_model(args.model, device=args.device, lm=args.lm, backend=args.backend)
-    opts = _decoder_options(args)
+    if args.stream:
+        return _transcribe_stream(model, args)
+    if args.rate is not None or args.realtime:
+        raise OptionsError("--rate and --realtime go with --stream")
+    options = {"chunk_seconds": args.chunk_seconds, **_decoding_options(args)}
+    model.options(**options)  # a bad option is one error, before any file
     failed = 0
     for path in args.audio:
         try:
-            result = model.transcribe(path, **{**vars(opts), "chunk_seconds": args.chunk_seconds})
+            result = model.transcribe(path, **options)
         except AudioError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
@@ -179,6 +194,59 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
             print(format_subtitles(result.words, args.format))
     if failed:
         sys.exit(1)
+
+
+def _transcribe_stream(model, args: argparse.Namespace) -> None:
+    """`transcribe --stream`: partial and final text as the audio comes, from a file or raw PCM on stdin."""
+    import time
+
+    from .audio import read_audio_file
+
+    if len(args.audio) != 1 or args.format not in ("txt", "json"):
+        raise OptionsError("--stream takes one audio file, or - for raw PCM on standard input, and --format txt "
+                           "or json")
+    if args.audio[0] == "-":
+        rate = 16_000 if args.rate is None else args.rate
+        chunks = _stdin_pcm(rate)
+    elif args.rate is not None:
+        raise OptionsError(f"--rate is for raw PCM on standard input (-); {args.audio[0]} has its own")
+    else:
+        data, rate = read_audio_file(args.audio[0])
+        step = max(1, rate // 10)
+        chunks = (data[i: i + step] for i in range(0, len(data), step))
+    streamer = model.stream(rate, **_decoding_options(args))
+    tty, started, fed = sys.stdout.isatty(), time.monotonic(), 0
+    try:
+        for chunk in chunks:
+            fed += len(chunk)
+            if args.realtime and args.audio[0] != "-":  # the chunk is there once its last sample was played
+                time.sleep(max(0.0, started + fed / rate - time.monotonic()))
+            _print_stream_events(streamer.feed(chunk), args.format, tty)
+    except KeyboardInterrupt:  # Ctrl-C ends the stream (e.g. arecord | asr transcribe --stream -)
+        pass
+    _print_stream_events(streamer.finish(), args.format, tty)
+
+
+def _stdin_pcm(rate: int):
+    """Standard input as s16le mono PCM, in chunks of up to 100 ms as they arrive."""
+    import numpy as np
+
+    rest = b""
+    while block := sys.stdin.buffer.read1(max(2, rate // 10 * 2)):
+        data = rest + block
+        rest = data[len(data) // 2 * 2:]
+        yield np.frombuffer(data[: len(data) // 2 * 2], dtype="<i2")
+
+
+def _print_stream_events(events: list, fmt: str, tty: bool) -> None:
+    """JSON lines; on a terminal the partial text rewritten in place; else "partial<TAB>text" / "final<TAB>text"."""
+    for e in events:
+        if fmt == "json":
+            print(json.dumps(dataclasses.asdict(e)), flush=True)
+        elif tty:
+            print(f"\r\033[K{e.text}", end="\n" if e.kind == "final" and e.text else "", flush=True)
+        else:
+            print(f"{e.kind}\t{e.text}", flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder (e.g. exp/fsdd/best)")
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", help="folder for hypotheses.jsonl and summary.json")
-    p.add_argument("--device", default="auto")
-    _add_decoder_arguments(p)
+    _add_inference_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("lm", help="n-gram language models for beam search (KenLM)",
@@ -252,15 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("transcribe", help="transcribe audio files",
                        description="Transcribe wav/flac/ogg/opus/mp3 files (any rate, any channels).")
-    p.add_argument("audio", nargs="+", help="audio files")
+    p.add_argument("audio", nargs="+", help="audio files (with --stream: one, or - for raw PCM on standard input)")
     p.add_argument("--model", help="model folder (default: $ASR_MODEL, else the model shipped with the package)")
     p.add_argument("--format", choices=FORMATS, default="txt")
-    p.add_argument("--chunk-seconds", type=float, default=30.0, help="window length for long audio")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--backend", choices=["auto", "onnx", "torch"],
-                   help="what runs the network (default: $ASR_BACKEND or auto: onnxruntime on the CPU when the "
-                        "model folder has model.onnx, else torch)")
-    _add_decoder_arguments(p)
+    p.add_argument("--stream", action="store_true", help="print partial and final text as the audio comes "
+                   "(needs a unidirectional model), e.g. arecord -f S16_LE -r 16000 | asr transcribe --stream -")
+    p.add_argument("--rate", type=int, help="--stream -: sample rate of the raw s16le mono PCM (default 16000)")
+    p.add_argument("--realtime", action="store_true", help="--stream FILE: play the file at real speed")
+    _add_inference_arguments(p)
     p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser("export", help="export the network to ONNX for onnxruntime",
@@ -276,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo"]:  # the demo has its own options (asr demo --help)
-        from .demo import main as demo_main
+        from .serve.demo import main as demo_main
         return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

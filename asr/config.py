@@ -48,6 +48,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 class TrainConfig:
     epochs: int = 30
     max_steps: int = 0  # 0: no limit beyond epochs
+    max_minutes: float = 0.0  # 0: no limit; else stop once this many minutes of fit() have passed (the step
+    # in progress is finished, evaluated and checkpointed; a resumed run starts a new budget)
     lr: float = 1e-3
     weight_decay: float = 1e-2
     warmup_steps: int = 500
@@ -70,6 +72,7 @@ class TrainConfig:
         check_number("epochs", self.epochs, 1, 1_000_000, integer=True)
         for key in ("max_steps", "warmup_steps", "eval_every_steps", "checkpoint_every_steps"):
             check_number(key, getattr(self, key), 0, 10**12, integer=True)
+        check_number("max_minutes", self.max_minutes, 0, 1e9)
         check_number("lr", self.lr, 0, 10)
         check_number("weight_decay", self.weight_decay, 0, 10)
         check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
@@ -118,7 +121,8 @@ def from_dict(cls: type, values: dict | None, where: str = "") -> Any:
     for name, value in values.items():
         hint = hints[name]
         key = f"{where}{name}"
-        kwargs[name] = from_dict(hint, value, key + ".") if dataclasses.is_dataclass(hint) else _coerce(hint, value, key)
+        nested = dataclasses.is_dataclass(hint)
+        kwargs[name] = from_dict(hint, value, key + ".") if nested else _coerce(hint, value, key)
     try:
         return cls(**kwargs)
     except ValueError as e:  # the dataclass's own checks: the message starts with the field's name

@@ -1,12 +1,68 @@
-"""Batched greedy CTC decoding with word start/end times and confidences from the alignment."""
+"""Decoder options (the one place they are defined), the decoder interface, and batched greedy CTC decoding
+with word start/end times and confidences from the alignment. Beam search is in lm/beam_search.py."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import difflib
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Protocol
 
 import torch
 
+from .errors import OptionsError
 from .text import Vocabulary
+
+DECODERS = ("greedy", "beam")
+
+
+@dataclass
+class DecodingOptions:
+    """How CTC posteriors become text. A model folder's decoder.json holds its tuned beam values; the CLI,
+    `transcribe(**options)`, tuning and the benches replace fields of the model's `decoding` with theirs."""
+
+    decoder: str = "greedy"  # "greedy" (best path) or "beam" (beam search, with the model's LM when it has one)
+    beam_size: int = 50  # hypotheses kept per frame
+    beam_size_token: int | None = 3  # most likely tokens tried per frame (None: all)
+    beam_threshold: float = 10.0  # drop hypotheses this far (log) below the best
+    lm_weight: float = 0.5  # alpha: weight of the LM's log10-probability
+    word_score: float = 0.0  # beta: bonus per word (counters the LM's preference for few words)
+    unk_score: float = -math.inf  # score of words outside the lexicon (lexicon search)
+    lexicon: bool = True  # spell only known words (needs an LM); False: any spelling, no word LM
+    hotwords: list[str] = field(default_factory=list)  # words or phrases to favour at this call
+    hotword_weight: float = 8.0  # added to the LM log10-probability of each hot word (before alpha)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hotwords, str):
+            self.hotwords = [self.hotwords]  # one phrase, not a list of its letters
+        problems = []
+        if not isinstance(self.hotwords, (list, tuple)) or not all(isinstance(h, str) for h in self.hotwords):
+            problems.append(f"hotwords must be a phrase or a list of phrases, not {self.hotwords!r}")
+        else:
+            self.hotwords = list(self.hotwords)
+        if self.decoder not in DECODERS:
+            problems.append(f"decoder must be one of {', '.join(map(repr, DECODERS))}, not {self.decoder!r}")
+        if not (isinstance(self.beam_size, int) and self.beam_size >= 1):
+            problems.append(f"beam_size must be a whole number >= 1, not {self.beam_size!r}")
+        token = self.beam_size_token
+        if token is not None and not (isinstance(token, int) and token >= 1):
+            problems.append(f"beam_size_token must be a whole number >= 1 or None, not {self.beam_size_token!r}")
+        if problems:
+            raise OptionsError("; ".join(problems))
+
+    def beam_settings(self) -> dict:
+        """The fields that configure a beam search (everything but the decoder's name)."""
+        return {k: v for k, v in asdict(self).items() if k != "decoder"}
+
+
+def unknown_option(name: str, known: list[str], what: str) -> OptionsError:
+    """An error for an option name that is not one of `known`, suggesting the close ones."""
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else f"; known: {', '.join(known)}"
+    return OptionsError(f"unknown {what} option {name!r}{hint}")
+
+
+DECODING_FIELDS = [f.name for f in fields(DecodingOptions)]
 
 
 @dataclass
@@ -70,3 +126,21 @@ def words_from_emissions(chars: list[str], frames: list[int], probs: list[float]
             current.append((c, f, p))
     flush()
     return Transcription(" ".join(w.word for w in words), words)
+
+
+class Decoder(Protocol):
+    """What every decoder does: CTC log-probabilities (batch, frames, vocab) and valid frame counts -> text."""
+
+    def decode(self, log_probs: torch.Tensor, lengths: torch.Tensor, frame_seconds: float,
+               time_offset: float = 0.0) -> list[Transcription]: ...
+
+
+class GreedyDecoder:
+    """Best-path decoding as a Decoder."""
+
+    def __init__(self, vocab: Vocabulary):
+        self.vocab = vocab
+
+    def decode(self, log_probs: torch.Tensor, lengths: torch.Tensor, frame_seconds: float,
+               time_offset: float = 0.0) -> list[Transcription]:
+        return greedy_decode(log_probs, lengths, self.vocab, frame_seconds, time_offset)

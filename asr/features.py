@@ -12,6 +12,7 @@ from torch import nn
 from .audio import SAMPLE_RATE
 
 NORMALIZATIONS = ("per_utterance", "per_utterance_level", "global", "none")
+CAUSAL_NORMALIZATIONS = ("global", "none")  # each frame normalised without the frames after it
 
 
 def check_number(key: str, value: object, low: float, high: float, integer: bool = False,

@@ -16,10 +16,14 @@ from typing import Any, Iterator
 
 
 def _ordinary_permissions(path: Path) -> None:
-    """mkstemp/mkdtemp make private files; what asr writes is an ordinary file (umask applies)."""
+    """mkstemp/mkdtemp make private files; what asr writes is an ordinary file (umask applies).
+
+    Folders, and files their writer made executable (a program), get 0o777 less the umask; others 0o666.
+    """
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    executable = path.is_dir() or os.stat(path).st_mode & 0o111
+    os.chmod(path, (0o777 if executable else 0o666) & ~umask)
 
 
 @contextlib.contextmanager

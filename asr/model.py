@@ -1,16 +1,23 @@
-"""Deep Speech 2 family acoustic model: log-mel -> 2-D conv front -> bidirectional GRUs -> CTC logits."""
+"""Deep Speech 2 family acoustic model: log-mel -> 2-D conv front -> GRUs -> CTC logits.
+
+The GRUs are bidirectional (the default), or unidirectional followed by a lookahead ("row") convolution over
+a few future frames (Deep Speech 2, section 3.7), with a conv front that looks no further ahead: such a
+model needs a bounded right context (ModelConfig.future_feature_frames), so it can run on a stream.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .features import FeatureConfig, LogMel, SpecAugment, _lengths_mask, check_number
+from .features import CAUSAL_NORMALIZATIONS, FeatureConfig, LogMel, SpecAugment, _lengths_mask, check_number
 
 MAX_PARAMETERS = 1_000_000_000  # 4 GB of fp32 weights; Deep Speech 2 itself has about 60 M
+MAX_LOOKAHEAD = 16  # output frames
 
 
 @dataclass
@@ -25,6 +32,10 @@ class ModelConfig:
     gru_hidden: int = 512
     dropout: float = 0.1
     vocab_size: int = 29
+    # False: one-way GRUs, then a lookahead convolution over the current and `lookahead_frames` next output
+    # frames; the conv front then looks at most `lookahead_frames` output frames ahead as well
+    bidirectional: bool = True
+    lookahead_frames: int = 0
 
     def __post_init__(self) -> None:
         """Check every value (a model.json or a configuration may hold anything); errors name the key."""
@@ -42,8 +53,8 @@ class ModelConfig:
         for key, high in (("conv_kernels", 1024), ("conv_strides", 64)):
             pairs = getattr(self, key)
             if not isinstance(pairs, (list, tuple)) or len(pairs) != len(self.conv_channels):
-                raise ValueError(f"{key}: needs one entry per conv layer ({len(self.conv_channels)}, as conv_channels), "
-                                 f"a [time, freq] pair each; got {pairs!r}")
+                raise ValueError(f"{key}: needs one entry per conv layer ({len(self.conv_channels)}, as "
+                                 f"conv_channels), a [time, freq] pair each; got {pairs!r}")
             for i, pair in enumerate(pairs):
                 if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                     raise ValueError(f"{key}[{i}]: must be a [time, freq] pair, got {pair!r}")
@@ -55,6 +66,16 @@ class ModelConfig:
         if self.dropout == 1:
             raise ValueError("dropout: must be below 1 (1 drops everything), got 1")
         check_number("vocab_size", self.vocab_size, 2, 1_000_000, integer=True)
+        if not isinstance(self.bidirectional, bool):
+            raise ValueError(f"bidirectional: must be true or false, got {self.bidirectional!r}")
+        check_number("lookahead_frames", self.lookahead_frames, 0, MAX_LOOKAHEAD, integer=True)
+        if self.bidirectional and self.lookahead_frames:
+            raise ValueError(f"lookahead_frames: only a unidirectional model (bidirectional: false) has a lookahead "
+                             f"convolution (a bidirectional one sees the whole utterance), got {self.lookahead_frames}")
+        if not self.bidirectional and self.features.normalization not in CAUSAL_NORMALIZATIONS:
+            raise ValueError(f"features.normalization: a unidirectional model (bidirectional: false) needs "
+                             f"{' or '.join(CAUSAL_NORMALIZATIONS)} (per-utterance statistics need the whole "
+                             f"utterance), got {self.features.normalization!r}")
         if self._parameter_count() > MAX_PARAMETERS:
             raise ValueError(f"gru_hidden: with gru_layers={self.gru_layers}, conv_channels={self.conv_channels} and "
                              f"vocab_size={self.vocab_size} the model would have {self._parameter_count():,} "
@@ -67,9 +88,12 @@ class ModelConfig:
             count += in_ch * ch * kt * kf + 2 * ch
             freq, in_ch = (freq + 2 * (kf // 2) - kf) // sf + 1, ch
         size, h = in_ch * max(freq, 1), self.gru_hidden
+        directions = 2 if self.bidirectional else 1
         for _ in range(self.gru_layers):
-            count += 2 * size + 2 * (3 * h * size + 3 * h * h + 6 * h)  # LayerNorm, two directions
+            count += 2 * size + directions * (3 * h * size + 3 * h * h + 6 * h)  # LayerNorm, GRU
             size = h
+        if self.lookahead_frames:
+            count += h * (self.lookahead_frames + 1)
         return count + 2 * h + h * self.vocab_size + self.vocab_size
 
     @property
@@ -84,22 +108,73 @@ class ModelConfig:
         """Seconds between consecutive output frames."""
         return self.features.hop_ms / 1000 * self.time_stride
 
+    @property
+    def conv_time_padding(self) -> list[tuple[int, int]]:
+        """Zero frames (before, after) each conv layer adds in time.
 
-def _conv_time_lengths(lengths: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    kt, st, pt = conv.kernel_size[0], conv.stride[0], conv.padding[0]
-    return torch.div(lengths + 2 * pt - kt, st, rounding_mode="floor") + 1
+        Bidirectional: kernel // 2 on each side. Unidirectional: the same total (so the same frame counts),
+        moved before, so that the conv front reads no more than lookahead_frames * time_stride feature frames
+        past an output frame's own (earlier layers take what they need of that first, each no further than
+        symmetric padding would).
+        """
+        return self._conv_time_padding_and_reach()[0]
+
+    @property
+    def future_feature_frames(self) -> int | None:
+        """The right context in feature frames: output frame t depends on feature frames up to
+        t * time_stride + future_feature_frames, none later; None for a bidirectional model (the whole utterance).
+
+        That is what the conv front reads ahead plus lookahead_frames output frames of the lookahead convolution.
+        """
+        if self.bidirectional:
+            return None
+        return self._conv_time_padding_and_reach()[1] + self.lookahead_frames * self.time_stride
+
+    @property
+    def future_samples(self) -> int | None:
+        """The right context in samples: output frame t depends on no sample from
+        t * time_stride * hop_length + future_samples on (feature frame j reads samples before
+        j * hop_length + n_fft - n_fft // 2); None for a bidirectional model."""
+        frames = self.future_feature_frames
+        if frames is None:
+            return None
+        return frames * self.features.hop_length + self.features.n_fft - self.features.n_fft // 2
+
+    def _conv_time_padding_and_reach(self) -> tuple[list[tuple[int, int]], int]:
+        """conv_time_padding, and how many feature frames past its own the conv front's output frame reads."""
+        pads, reach, budget, unit = [], 0, self.lookahead_frames * self.time_stride, 1
+        for (kt, _), (st, _) in zip(self.conv_kernels, self.conv_strides):
+            if self.bidirectional:
+                pads.append((kt // 2, kt // 2))
+                continue
+            ahead = min((kt - 1) // 2, budget // unit)  # output i reads input frames up to i * st + ahead
+            before = kt - 1 - ahead
+            pads.append((before, 2 * (kt // 2) - before))
+            reach, budget, unit = reach + ahead * unit, budget - ahead * unit, unit * st
+        return pads, reach
+
+
+def _conv_time_lengths(lengths: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
+    """Output frame counts of a convolution over time with `padding` zero frames in all."""
+    return torch.div(lengths + padding - kernel, stride, rounding_mode="floor") + 1
 
 
 class ConvFront(nn.Module):
-    """2-D convolutions over (time, mel) with BatchNorm and Hardtanh; padding frames re-zeroed after each."""
+    """2-D convolutions over (time, mel) with BatchNorm and Hardtanh; padding frames re-zeroed after each.
+
+    Time padding as ModelConfig.conv_time_padding: inside the convolution where symmetric, else added before it.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         layers = []
         in_ch, freq = 1, cfg.features.n_mels
-        for ch, (kt, kf), (st, sf) in zip(cfg.conv_channels, cfg.conv_kernels, cfg.conv_strides):
+        self.time_padding = cfg.conv_time_padding
+        for ch, (kt, kf), (st, sf), (before, after) in zip(cfg.conv_channels, cfg.conv_kernels, cfg.conv_strides,
+                                                           self.time_padding):
+            inside = before if before == after else 0
             layers.append(nn.ModuleDict({
-                "conv": nn.Conv2d(in_ch, ch, (kt, kf), (st, sf), (kt // 2, kf // 2), bias=False),
+                "conv": nn.Conv2d(in_ch, ch, (kt, kf), (st, sf), (inside, kf // 2), bias=False),
                 "norm": nn.BatchNorm2d(ch),
             }))
             freq = (freq + 2 * (kf // 2) - kf) // sf + 1
@@ -108,24 +183,36 @@ class ConvFront(nn.Module):
         self.act = nn.Hardtanh(0, 20)
         self.output_dim = in_ch * freq
 
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Output frame counts for inputs of `lengths` frames."""
+        for layer, (before, after) in zip(self.layers, self.time_padding):
+            lengths = self._layer_lengths(lengths, layer["conv"], before + after)
+        return lengths
+
+    @staticmethod
+    def _layer_lengths(lengths: torch.Tensor, conv: nn.Conv2d, padding: int) -> torch.Tensor:
+        return _conv_time_lengths(lengths, conv.kernel_size[0], conv.stride[0], padding)
+
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (batch, time, mel) -> (batch, time', channels * freq'), lengths'."""
         x = x.unsqueeze(1)
-        for layer in self.layers:
+        for layer, (before, after) in zip(self.layers, self.time_padding):
+            if before != after:
+                x = F.pad(x, (0, 0, before, after))
             x = self.act(layer["norm"](layer["conv"](x)))
-            lengths = _conv_time_lengths(lengths, layer["conv"])
+            lengths = self._layer_lengths(lengths, layer["conv"], before + after)
             x = x.masked_fill(~_lengths_mask(lengths, x.shape[2])[:, None, :, None], 0.0)
         b, c, t, f = x.shape
         return x.permute(0, 2, 1, 3).reshape(b, t, c * f), lengths
 
 
-class BiGRULayer(nn.Module):
-    """LayerNorm -> bidirectional GRU over packed sequences, directions summed (as in Deep Speech 2)."""
+class GRULayer(nn.Module):
+    """LayerNorm -> GRU over packed sequences; a bidirectional one's directions summed (as in Deep Speech 2)."""
 
-    def __init__(self, input_size: int, hidden: int, dropout: float):
+    def __init__(self, input_size: int, hidden: int, dropout: float, bidirectional: bool = True):
         super().__init__()
         self.norm = nn.LayerNorm(input_size)
-        self.gru = nn.GRU(input_size, hidden, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(input_size, hidden, batch_first=True, bidirectional=bidirectional)
         self.dropout = nn.Dropout(dropout)
         self.hidden = hidden
 
@@ -133,8 +220,31 @@ class BiGRULayer(nn.Module):
         packed = pack_padded_sequence(self.norm(x), lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.gru(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
-        out = out[..., : self.hidden] + out[..., self.hidden:]
+        if self.gru.bidirectional:
+            out = out[..., : self.hidden] + out[..., self.hidden:]
         return self.dropout(out)
+
+
+class Lookahead(nn.Module):
+    """Deep Speech 2's row convolution (section 3.7): each channel of output frame t a weighted sum of its
+    values in frames t .. t + frames, zero past each utterance's end. Starts as the identity; with
+    frames=0 it is the identity and has no weights."""
+
+    def __init__(self, channels: int, frames: int):
+        super().__init__()
+        self.frames = frames
+        if frames:
+            self.conv = nn.Conv1d(channels, channels, frames + 1, groups=channels, bias=False)
+            with torch.no_grad():
+                self.conv.weight.zero_()
+                self.conv.weight[:, 0, 0] = 1.0
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """x: (batch, time, channels) -> the same shape."""
+        if not self.frames:
+            return x
+        x = x.masked_fill(~_lengths_mask(lengths, x.shape[1])[:, :, None], 0.0)
+        return self.conv(F.pad(x.transpose(1, 2), (0, self.frames))).transpose(1, 2)
 
 
 class DeepSpeech2(nn.Module):
@@ -147,7 +257,9 @@ class DeepSpeech2(nn.Module):
         self.spec_augment = SpecAugment(config.features)
         self.conv = ConvFront(config)
         sizes = [self.conv.output_dim] + [config.gru_hidden] * config.gru_layers
-        self.rnns = nn.ModuleList(BiGRULayer(i, config.gru_hidden, config.dropout) for i in sizes[:-1])
+        self.rnns = nn.ModuleList(GRULayer(i, config.gru_hidden, config.dropout, config.bidirectional)
+                                  for i in sizes[:-1])
+        self.lookahead = Lookahead(config.gru_hidden, config.lookahead_frames)
         self.head = nn.Sequential(nn.LayerNorm(config.gru_hidden), nn.Linear(config.gru_hidden, config.vocab_size))
 
     def num_parameters(self) -> int:
@@ -155,10 +267,7 @@ class DeepSpeech2(nn.Module):
 
     def output_lengths(self, sample_lengths: torch.Tensor) -> torch.Tensor:
         """Number of output frames for waveforms of the given sample counts."""
-        lengths = self.features.frame_lengths(sample_lengths)
-        for layer in self.conv.layers:
-            lengths = _conv_time_lengths(lengths, layer["conv"])
-        return lengths
+        return self.conv.output_lengths(self.features.frame_lengths(sample_lengths))
 
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """waves: (batch, samples) float, lengths: (batch,) -> log-probs (batch, frames, vocab), frames."""
@@ -167,5 +276,5 @@ class DeepSpeech2(nn.Module):
         x, out_lengths = self.conv(feats.transpose(1, 2), frames)
         for rnn in self.rnns:
             x = rnn(x, out_lengths)
-        logits = self.head(x)
+        logits = self.head(self.lookahead(x, out_lengths))
         return logits.float().log_softmax(-1), out_lengths

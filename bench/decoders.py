@@ -15,18 +15,16 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import asr
 from asr.audio import load_audio
-from asr.beam_search import BeamSearchOptions
-from asr.data import read_manifest
-from asr.decoding import greedy_decode
-from asr.lm import LanguageModel
+from asr.device import describe_machine, machine_line
+from asr.files import write_text_atomically
+from asr.lm.language_model import LanguageModel
+from asr.manifest import read_manifest
 from asr.metrics import error_rates
-from asr.recipe import machine_description
 
 
 def main() -> None:
@@ -53,21 +51,16 @@ def main() -> None:
     utts = read_manifest(args.manifest)[: args.limit]
     refs = [u.text for u in utts]
     posteriors = model.posteriors([load_audio(u.audio_filepath) for u in utts])
-    opts = BeamSearchOptions(**{**vars(model.beam_options), "beam_size": args.beam_size, "lexicon": True,
-                                "hotwords": []})
-    if args.lm_weight is not None:
-        opts.lm_weight = args.lm_weight
-    if args.word_score is not None:
-        opts.word_score = args.word_score
-    if args.beam_threshold is not None:
-        opts.beam_threshold = args.beam_threshold
-    if args.beam_size_token is not None:
-        opts.beam_size_token = args.beam_size_token
-    print(f"{machine_description(torch.device('cpu'))}; {len(utts)} utterances, "
+    given = {"lm_weight": args.lm_weight, "word_score": args.word_score, "beam_threshold": args.beam_threshold,
+             "beam_size_token": args.beam_size_token}
+    _, opts = model.options(decoder="beam", beam_size=args.beam_size, lexicon=True, hotwords=[],
+                            **{k: v for k, v in given.items() if v is not None})
+    machine = describe_machine()
+    print(f"{machine_line(machine)}; {len(utts)} utterances, "
           f"{sum(len(p) for p in posteriors)} frames; beam {opts.beam_size}, alpha {opts.lm_weight}, "
-          f"beta {opts.word_score}; torch {torch.__version__}", flush=True)
+          f"beta {opts.word_score}", flush=True)
 
-    ours = model.beam_decoder(opts)
+    ours, greedy = model.decoder(opts), model.decoder(model.options(decoder="greedy")[1])
     labels = ["" if i == model.vocab.blank else t for i, t in enumerate(model.vocab.tokens)]
     # flashlight weighs KenLM's log10 probability; pyctcdecode weighs its natural log: same weighting
     theirs = build_ctcdecoder(labels, kenlm_model_path=str(lm.binary), unigrams=lm.words,
@@ -84,7 +77,7 @@ def main() -> None:
         return {"wer": rates.wer, "cer": rates.cer, "seconds": seconds}
 
     results = {
-        "greedy": run("greedy", lambda lp: greedy_decode(lp[None], torch.tensor([len(lp)]), model.vocab,
+        "greedy": run("greedy", lambda lp: greedy.decode(lp[None], torch.tensor([len(lp)]),
                                                          model.frame_seconds)[0].text),
         "ours (torchaudio/flashlight)": run("ours (torchaudio/flashlight)", lambda lp: ours.decode(
             lp[None], torch.tensor([len(lp)]), model.frame_seconds)[0].text),
@@ -93,9 +86,8 @@ def main() -> None:
     ratio = results["pyctcdecode"]["seconds"] / results["ours (torchaudio/flashlight)"]["seconds"]
     print(f"ours is {ratio:.1f}x faster than pyctcdecode")
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "results": results,
-                                               "speed_ratio": ratio, "machine": machine_description(
-                                                   torch.device("cpu"))}, indent=2))
+        write_text_atomically(args.json, json.dumps({"command": " ".join(["python", *sys.argv]), "results": results,
+                                                     "speed_ratio": ratio, "machine": machine}, indent=2))
 
 
 if __name__ == "__main__":

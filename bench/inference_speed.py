@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,29 +34,18 @@ import torch
 from torch import nn
 
 import asr
-from asr.audio import SAMPLE_RATE, load_audio
-from asr.corpora import prepare_kaldi
-from asr.data import read_manifest
+from asr.audio import SAMPLE_RATE, load_audio, pad_waves
+from asr.device import describe_machine, machine_line
+from asr.files import write_text_atomically
+from asr.manifest import read_manifest
 from asr.metrics import error_rates
-from asr.onnx_export import OnnxNetwork, export_onnx, onnxruntime_available
-from asr.transcribe import ASRModel, TranscribeOptions
+from asr.serve.onnx_export import OnnxNetwork, export_onnx, onnxruntime_available
+from asr.serve.transcribe import ASRModel, TranscribeOptions
+from asr.train.corpora import prepare_kaldi
 
 
 def n_threads(n: int) -> str:
     return f"{n} thread{'s' if n > 1 else ''}"
-
-
-def cpu_name() -> str:
-    """CPU model, cores and the threads torch uses."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores, torch {n_threads(torch.get_num_threads())}"
 
 
 class Stopwatch:
@@ -79,11 +67,7 @@ def sorted_batches(waves: list[torch.Tensor], batch_size: int):
     order = sorted(range(len(waves)), key=lambda k: len(waves[k]))
     for b in range(0, len(order), batch_size):
         idx = order[b: b + batch_size]
-        lengths = torch.tensor([len(waves[k]) for k in idx])
-        batch = torch.zeros(len(idx), int(lengths.max()))
-        for row, k in enumerate(idx):
-            batch[row, : lengths[row]] = waves[k]
-        yield idx, batch, lengths
+        yield idx, *pad_waves([waves[k] for k in idx])
 
 
 @torch.no_grad()
@@ -94,13 +78,13 @@ def breakdown(model: ASRModel, utts, batch_size: int) -> tuple[dict[str, tuple[f
     net = model.model
     _, batch, lengths = next(sorted_batches(waves, batch_size))
     net(batch, lengths)  # warm-up
-    model.beam_decoder(model.beam_search_options(TranscribeOptions(decoder="beam")))  # loads the LM, untimed
+    model.decoder(model.options(decoder="beam")[1])  # loads the LM, untimed
     posteriors: list[torch.Tensor | None] = [None] * len(waves)
 
     def gru_stack(x, lengths):
         for rnn in net.rnns:
             x = rnn(x, lengths)
-        return x
+        return net.lookahead(x, lengths)  # the row convolution of a unidirectional model (else nothing)
 
     for idx, batch, lengths in sorted_batches(waves, batch_size):
         feats, frames = clock.time("features (log-mel + normalisation)", net.features, batch, lengths)
@@ -111,9 +95,9 @@ def breakdown(model: ASRModel, utts, batch_size: int) -> tuple[dict[str, tuple[f
             posteriors[k] = log_probs[row, : out_lengths[row]]
     durations = [len(w) / SAMPLE_RATE for w in waves]
     for lp, d in zip(posteriors, durations):
-        clock.time("greedy decoding", model.decode, lp, d, TranscribeOptions(decoder="greedy"))
-    beam = [clock.time("beam decoding" + (" + LM" if model.lm else " (no LM)"), model.decode, lp, d,
-                       TranscribeOptions(decoder="beam")) for lp, d in zip(posteriors, durations)]
+        clock.time("greedy decoding", lambda: model.decode(lp, d, decoder="greedy"))
+    beam = [clock.time("beam decoding" + (" + LM" if model.lm else " (no LM)"),
+                       lambda: model.decode(lp, d, decoder="beam")) for lp, d in zip(posteriors, durations)]
     return clock.seconds, posteriors, waves, beam
 
 
@@ -150,8 +134,9 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     threads = args.threads
     torch.set_num_threads(threads)
     model = asr.load_model(args.model, device="cpu", backend="torch")
-    results = {"command": " ".join(["python", *sys.argv]), "machine": cpu_name(), "torch": torch.__version__,
-               "load_average_start": os.getloadavg()}
+    machine = describe_machine()
+    results = {"command": " ".join(["python", *sys.argv]), "machine": machine,
+               "load_average_start": machine["load_average"]}
 
     # 1. where the time goes (each stage's fastest round)
     stages: dict[str, float] = {}
@@ -161,11 +146,10 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         stages = {s: min(wall, stages.get(s, float("inf"))) for s, (wall, _) in seconds.items()}
         stage_cpu = {s: min(cpu, stage_cpu.get(s, float("inf"))) for s, (_, cpu) in seconds.items()}
     audio = sum(len(w) for w in waves) / SAMPLE_RATE
-    greedy_text = [model.decode(lp, 0.0).text for lp in posteriors]
+    greedy_text = [model.decode(lp, 0.0, decoder="greedy").text for lp in posteriors]
     decoders = [s for s in stages if "decoding" in s]
     total = {d: sum(v for s, v in stages.items() if s not in decoders or s == d) for d in decoders}
-    print(f"{results['machine']}; {len(utts)} utterances, {audio:.1f} s of audio; torch {torch.__version__}; "
-          f"load average {results['load_average_start'][0]:.2f}", flush=True)
+    print(f"{machine_line(machine)}; {len(utts)} utterances, {audio:.1f} s of audio", flush=True)
     print(f"\n| stage (torch eager fp32, {n_threads(threads)}, best of {args.rounds}) | seconds | CPU seconds | "
           "share (greedy) | share (beam) | RTF |")
     print("|---|---|---|---|---|---|")
@@ -223,7 +207,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     print(f"\nload average at the end {results['load_average_end'][0]:.2f} "
           f"({os.cpu_count()} cores: above that, other processes compete for them)")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_text_atomically(args.json, json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

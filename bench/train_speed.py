@@ -10,8 +10,8 @@ Three measurements in one run, each over the same number of timed optimiser step
 - input-bound: the same, but batches come from the real data pipeline (DataLoader workers
   decoding and augmenting the manifest's audio): whether loading keeps up.
 Audio-seconds count real (unpadded) audio. Peak memory is the GPU's allocated peak during each
-measurement; on the CPU it is the process's peak resident size so far (cumulative). Utterance lengths come from the manifest (or, without
-one, a LibriSpeech-like spread of 2 to 17 s).
+measurement; on the CPU it is the process's peak resident size so far (cumulative). Utterance lengths
+come from the manifest (or, without one, a LibriSpeech-like spread of 2 to 17 s).
 """
 
 from __future__ import annotations
@@ -25,14 +25,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import soundfile as sf
 import torch
 from torch.utils.data import DataLoader
 
 from asr.audio import SAMPLE_RATE
 from asr.config import load_config
-from asr.data import BucketBatchSampler, SpeechDataset, Utterance, collate, write_manifest
-from asr.recipe import machine_description
-from asr.train import Trainer
+from asr.device import describe_machine, machine_line
+from asr.files import write_text_atomically
+from asr.manifest import Utterance, write_manifest
+from asr.train.data import BucketBatchSampler, SpeechDataset, collate
+from asr.train.trainer import Trainer
 
 BASELINE = "baseline (fp32, random batches)"
 MODEL_BOUND = "model-bound (generated batches)"
@@ -40,8 +44,12 @@ INPUT_BOUND = "input-bound (real data pipeline)"
 
 
 def fake_manifest(path: Path, count: int = 4000, seed: int = 0) -> Path:
+    """Utterance lengths only: every line names one short silent file (the trainer checks that audio exists), and
+    the model-bound run never reads it: its batches are generated from the listed durations."""
     rng = random.Random(seed)
-    utts = [Utterance(f"/nonexistent/{i}.flac", round(rng.uniform(2, 17), 2), "the quick brown fox", f"u{i}")
+    silence = path.with_name("silence.wav")
+    sf.write(silence, np.zeros(SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE)
+    utts = [Utterance(str(silence), round(rng.uniform(2, 17), 2), "the quick brown fox", f"u{i}")
             for i in range(count)]
     write_manifest(utts, path)
     return path
@@ -55,7 +63,7 @@ def generated_batch(durations: list[float], vocab_size: int, generator: torch.Ge
     target_lengths = torch.tensor([max(1, int(d * 12)) for d in durations])
     targets = torch.randint(1, vocab_size, (int(target_lengths.sum()),), generator=generator)
     return {"waves": waves, "wave_lengths": lengths, "targets": targets, "target_lengths": target_lengths,
-            "ids": [str(i) for i in range(len(durations))]}
+            "ids": [str(i) for i in range(len(durations))], "unreadable": []}
 
 
 def measure(trainer: Trainer, batches, steps: int, warmup: int) -> dict:
@@ -106,10 +114,10 @@ def main() -> None:
 
     trainer = Trainer(config, manifest, manifest, tmp / "exp", progress=False)
     device = trainer.device
-    results["device"] = machine_description(device)
+    results["machine"] = describe_machine(device)
     results["parameters_millions"] = round(trainer.model.num_parameters() / 1e6, 2)
-    print(f"device: {results['device']}; {results['parameters_millions']} M parameters; "
-          f"{len(trainer.train_utts)} utterances; torch {torch.__version__}", flush=True)
+    print(f"{machine_line(results['machine'])}; {results['parameters_millions']} M parameters; "
+          f"{len(trainer.train_utts)} utterances", flush=True)
     durations = [u.duration for u in trainer.train_utts]
     gen = torch.Generator().manual_seed(0)
     vocab = len(trainer.vocab)
@@ -152,7 +160,7 @@ def main() -> None:
               f"({data.num_workers} loader workers)")
     results["measurements"] = table
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_text_atomically(args.json, json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""The web demo: `python demo/app.py --model exp/fsdd/best` (the same as `asr demo`). See asr/demo.py."""
+"""The web demo: `python demo/app.py --model exp/fsdd/best` (the same as `asr demo`). See asr/serve/demo.py."""
 
-from asr.demo import main
+from asr.serve.demo import main
 
 if __name__ == "__main__":
     main()

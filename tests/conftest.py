@@ -5,20 +5,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from asr.corpora import DIGIT_WORDS
 from asr.text import ENGLISH_CHARACTERS
+from asr.train.corpora import DIGIT_WORDS
 
 SHARED_DATA = Path(os.environ.get("ASR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 TEXTS = ["one two", "cab", "bad egg", "fee", "dig a hole", "ace"]
@@ -75,6 +76,13 @@ def require_system_tools(missing: list[str]) -> None:
     pytest.skip(message, allow_module_level=True)
 
 
+def chromium_path() -> str:
+    """Debian's chromium, which the browser tests drive through Playwright (skipped, or failed in CI, without it)."""
+    path = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+    require_system_tools([] if path else ["chromium"])
+    return path
+
+
 def manifest_text_with_absolute_paths(manifest: Path) -> str:
     """A tone-corpus manifest's lines with its audio paths made absolute (to combine or move manifests)."""
     return manifest.read_text().replace('"utt', f'"{manifest.parent}/utt')
@@ -98,7 +106,7 @@ TINY_OVERRIDES = [
 def trained_tiny_model(tone_corpus, tmp_path_factory) -> Path:
     """A tiny model trained to zero error on the tone corpus (shared by several tests)."""
     from asr.config import load_config
-    from asr.train import Trainer
+    from asr.train.trainer import Trainer
 
     out = tmp_path_factory.mktemp("tiny_exp")
     # the tone corpus plus other noise realisations of the same texts, and noise augmentation:
@@ -113,9 +121,52 @@ def trained_tiny_model(tone_corpus, tmp_path_factory) -> Path:
     return result.best_dir
 
 
+def after_step(trainer, step: int, action: Callable[[], None]):
+    """Make `trainer` call `action()` (e.g. raise, as a kill would) once step `step` is done, its logs and
+    checkpoint written, before the next step starts."""
+    train_step = trainer.train_step
+
+    def step_then_act(batches):
+        if trainer.step == step:
+            action()
+        return train_step(batches)
+    trainer.train_step = step_then_act
+    return trainer
+
+
+def kaldi_split(folder: Path, texts: list[str]) -> None:
+    """A Kaldi data folder (text, wav.scp, utt2spk) of Opus tone speech, as speechocean762 ships."""
+    (folder / "audio").mkdir(parents=True)
+    with open(folder / "text", "w") as t, open(folder / "wav.scp", "w") as w, open(folder / "utt2spk", "w") as s:
+        for i, text in enumerate(texts):
+            utt = f"{folder.name}{i:04d}"
+            sf.write(folder / "audio" / f"{utt}.opus", tone_speech(text.lower(), seed=i), 16000, format="OGG",
+                     subtype="OPUS")
+            t.write(f"{utt} {text}\n")
+            w.write(f"{utt} audio/{utt}.opus\n")
+            s.write(f"{utt} spk{i % 3}\n")
+
+
+@pytest.fixture(scope="session")
+def streaming_model(tone_corpus, tmp_path_factory):
+    """A tiny unidirectional model (lookahead 2, global features) trained to zero error on the tone corpus."""
+    from asr.config import load_config
+    from asr.train.trainer import Trainer
+
+    more = write_tone_corpus(tmp_path_factory.mktemp("tones_more_streaming"), seed=100)
+    train = tone_corpus.parent / "train_streaming.jsonl"
+    train.write_text(tone_corpus.read_text() + manifest_text_with_absolute_paths(more))
+    config = load_config(None, TINY_OVERRIDES + [
+        "model.bidirectional=false", "model.lookahead_frames=2", "model.features.normalization=global",
+        "train.epochs=100", "train.eval_every_steps=10", "data.noise_snr_db=[15,40]", "data.noise_prob=0.7"])
+    result = Trainer(config, train, tone_corpus, tmp_path_factory.mktemp("streaming_exp"), progress=False).fit()
+    assert result.best_wer == 0.0, f"the streaming model did not learn the tones (best WER {result.best_wer})"
+    return result.best_dir
+
+
 # ---------------------------------------------------------------- the reliability table
 # Tests of bad input record (case, interface, outcome) rows; with ASR_RELIABILITY_TABLE=FILE the session
-# writes them as the markdown table that README.md's reliability section shows.
+# writes them as the markdown table of docs/reliability.md.
 RELIABILITY_ROWS: list[tuple[str, str, str]] = []
 
 

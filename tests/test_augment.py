@@ -3,10 +3,21 @@ import math
 import pytest
 import torch
 
-from asr.augment import (CODECS, Augmenter, AugmentOptions, babble, coloured_noise, colour, reencode, reverberate,
-                         room_impulse_response, telephone)
-from asr.data import SpeechDataset, read_manifest
+from asr.augment import (
+    CODECS,
+    Augmenter,
+    AugmentOptions,
+    babble,
+    colour,
+    coloured_noise,
+    reencode,
+    reverberate,
+    room_impulse_response,
+    telephone,
+)
+from asr.manifest import read_manifest
 from asr.text import Vocabulary
+from asr.train.data import SpeechDataset
 
 SR = 16_000
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from asr.corpora import CorpusError, prepare_fsdd, prepare_kaldi, prepare_librispeech
-from asr.data import read_manifest
+from asr.manifest import read_manifest
+from asr.train.corpora import CorpusError, prepare_fsdd, prepare_kaldi, prepare_librispeech
 
 from .conftest import SHARED_DATA
 

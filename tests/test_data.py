@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from asr.augment import AugmentOptions
-from asr.data import (BucketBatchSampler, ManifestError, SpeechDataset, Utterance, collate, filter_by_duration,
-                      read_manifest, write_manifest)
+from asr.manifest import ManifestError, Utterance, filter_by_duration, read_manifest, write_manifest
 from asr.text import Vocabulary
+from asr.train.data import BucketBatchSampler, SpeechDataset, collate
 
 
 def test_jsonl_and_csv_manifests(tmp_path):

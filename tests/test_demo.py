@@ -48,6 +48,7 @@ def _transcribe(client, path: Path, model: str = ""):
     return client.predict(gradio_client.handle_file(str(path)), "greedy", model, api_name="/transcribe")
 
 
+@pytest.mark.slow
 def test_twenty_simultaneous_api_calls_all_return_their_transcripts(demo_url, audio_files, trained_tiny_model):
     client = gradio_client.Client(demo_url, verbose=False)
     texts = [TEXTS[i % len(TEXTS)] for i in range(20)]
@@ -61,6 +62,7 @@ def test_twenty_simultaneous_api_calls_all_return_their_transcripts(demo_url, au
     assert spectrogram and posteriorgram and "real-time factor" in timing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, message", [
     ("notes", "Cannot use notes.wav"), ("empty", "Cannot use empty.wav"), ("silent", "silent.wav is silent"),
     ("long", f"up to {MAX_SECONDS:.0f} s"),
@@ -73,6 +75,7 @@ def test_bad_input_gets_a_clear_message_and_the_app_keeps_serving(demo_url, audi
     assert _transcribe(client, audio_files["cab"], str(trained_tiny_model))[0] == "cab"
 
 
+@pytest.mark.slow
 def test_a_model_folder_not_offered_is_refused(demo_url, audio_files, tmp_path):
     client = gradio_client.Client(demo_url, verbose=False)
     with pytest.raises(gradio_client.exceptions.AppError, match="not one of the models this demo offers"):
@@ -85,6 +88,7 @@ def _chromium() -> str:
     return path
 
 
+@pytest.mark.slow
 def test_browser_upload_shows_transcript_words_and_plots(demo_url, audio_files, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (dev extra)")
     chromium = _chromium()

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 import asr
-from asr.beam_search import BeamSearchDecoder, BeamSearchOptions
-from asr.lm import LanguageModel, LMError, build_lm, kenlm_tools, missing_build_requirements, perplexity
+from asr.decoding import DecodingOptions
+from asr.lm.beam_search import BeamSearchDecoder
+from asr.lm.kenlm_tools import LMError, kenlm_tools, missing_build_requirements
+from asr.lm.language_model import LanguageModel, build_lm, perplexity
+from asr.lm.tune import store_decoder, tune_beam
 from asr.text import Vocabulary
-from asr.tune import store_decoder, tune_beam
 
 from .conftest import TEXTS, require_system_tools
 
@@ -61,11 +63,11 @@ def test_hot_word_outside_the_lm_is_recognised_when_boosted(tone_lm):
     lm = LanguageModel.load(tone_lm)
     lp = _posteriors(BAD_OR_BED)[None]
     lengths = torch.tensor([lp.shape[1]])
-    plain = BeamSearchDecoder(VOCAB, lm, BeamSearchOptions(lm_weight=1.0))
+    plain = BeamSearchDecoder(VOCAB, lm, DecodingOptions(decoder="beam", lm_weight=1.0))
     assert plain.decode(lp, lengths, 0.04)[0].text == "bad"  # "bed" is not even in the LM's vocabulary
-    boosted = BeamSearchDecoder(VOCAB, lm, BeamSearchOptions(lm_weight=1.0, hotwords=["bed"]))
+    boosted = BeamSearchDecoder(VOCAB, lm, DecodingOptions(decoder="beam", lm_weight=1.0, hotwords=["bed"]))
     assert boosted.decode(lp, lengths, 0.04)[0].text == "bed"
-    free = BeamSearchDecoder(VOCAB, None, BeamSearchOptions(lexicon=False))
+    free = BeamSearchDecoder(VOCAB, None, DecodingOptions(decoder="beam", lexicon=False))
     assert free.decode(lp, lengths, 0.04)[0].text == "bad"
 
 
@@ -75,7 +77,7 @@ def test_lexicon_search_spells_only_known_words(tone_lm):
     lp = _posteriors(spec)[None]
     lengths = torch.tensor([len(spec)])
     assert asr.decoding.greedy_decode(lp, lengths, VOCAB, 0.04)[0].text == "cxb"
-    lexicon = BeamSearchDecoder(VOCAB, LanguageModel.load(tone_lm), BeamSearchOptions(lm_weight=0.5))
+    lexicon = BeamSearchDecoder(VOCAB, LanguageModel.load(tone_lm), DecodingOptions(decoder="beam", lm_weight=0.5))
     result = lexicon.decode(lp, lengths, 0.04)[0]
     assert result.text == "cab"
     assert 0 < result.words[0].confidence <= 1
@@ -84,7 +86,7 @@ def test_lexicon_search_spells_only_known_words(tone_lm):
 def test_beam_search_on_a_trained_model_with_and_without_lm(trained_tiny_model, tone_corpus, tone_lm, tmp_path):
     files = [str(tone_corpus.parent / f"utt{i}.wav") for i in range(len(TEXTS))]
     model = asr.load_model(trained_tiny_model, lm=tone_lm)
-    assert model.decoders == ("greedy", "beam")
+    assert model.decoding.decoder == "greedy" and model.decoding.lexicon  # defaults: greedy; beam spells LM words
     # flashlight's lexicon search can end on a word it never finished spelling ("dig a hole fee" from the
     # tokens "dig a hole f e"); the decoder takes the best hypothesis whose tokens spell its words
     for options in ({"decoder": "beam"}, {"decoder": "beam", "lm_weight": 1.0}, {"decoder": "beam", "lexicon": False},
@@ -105,11 +107,12 @@ def test_beam_search_on_a_trained_model_with_and_without_lm(trained_tiny_model, 
     assert len(tuned["grid"]) == 4 and tuned["beam_wer"] <= tuned["greedy_wer"]
     store_decoder(folder, tone_lm, tuned)
     reloaded = asr.load_model(folder)
-    assert reloaded.lm is not None and reloaded.beam_options.beam_size == 20
-    assert reloaded.beam_options.lm_weight == tuned["beam"]["lm_weight"]
+    assert reloaded.lm is not None and reloaded.decoding.beam_size == 20
+    assert reloaded.decoding.lm_weight == tuned["beam"]["lm_weight"]
     assert reloaded.transcribe(files[0], decoder="beam").text == TEXTS[0]
 
 
+@pytest.mark.slow
 def test_cli_beam_decoding_with_a_hot_word(trained_tiny_model, tone_corpus, tone_lm):
     out = subprocess.run([sys.executable, "-m", "asr.cli", "transcribe", str(tone_corpus.parent / "utt2.wav"),
                           "--model", str(trained_tiny_model), "--lm", str(tone_lm), "--decoder", "beam",
@@ -137,7 +140,7 @@ def test_missing_or_corrupt_lm_gives_a_clear_error(tone_lm, trained_tiny_model, 
         empty.write_text("\n\n")
         build_lm([empty], tmp_path / "lm-empty")
     with pytest.raises(ValueError, match="needs a language model"):
-        BeamSearchDecoder(VOCAB, None, BeamSearchOptions(lexicon=True))
+        BeamSearchDecoder(VOCAB, None, DecodingOptions(decoder="beam", lexicon=True))
 
 
 def test_weighted_text_lowers_perplexity_on_its_domain(tools, tmp_path):
@@ -161,7 +164,7 @@ def test_weighted_text_lowers_perplexity_on_its_domain(tools, tmp_path):
 
 
 def test_missing_build_tools_are_named(monkeypatch, tmp_path):
-    import asr.lm as lm_module
+    import asr.lm.language_model as lm_module
 
     monkeypatch.setenv("ASR_CACHE", str(tmp_path))
     monkeypatch.setattr(lm_module.shutil, "which", lambda name: None)

@@ -1,15 +1,21 @@
 import pytest
 import torch
 
+from asr.features import FeatureConfig
 from asr.model import DeepSpeech2, ModelConfig
 
 SMALL = dict(gru_layers=2, gru_hidden=64)
 
 
+ONE_WAY = dict(bidirectional=False, lookahead_frames=2, features=FeatureConfig(normalization="global"))
+
+
+@pytest.mark.parametrize("one_way", [False, True])
 @pytest.mark.parametrize("strides", [[[2, 2], [1, 2]], [[2, 2], [2, 1]], [[1, 2]]])
-def test_output_lengths_for_odd_inputs(strides):
+def test_output_lengths_for_odd_inputs(strides, one_way):
     n = len(strides)
-    cfg = ModelConfig(conv_channels=[8] * n, conv_kernels=[[11, 41], [11, 21]][:n], conv_strides=strides, **SMALL)
+    cfg = ModelConfig(conv_channels=[8] * n, conv_kernels=[[11, 41], [11, 21]][:n], conv_strides=strides, **SMALL,
+                      **(ONE_WAY if one_way else {}))
     model = DeepSpeech2(cfg).eval()
     lengths = torch.tensor([16001, 3203, 1601, 4799])
     waves = torch.randn(4, 16001)

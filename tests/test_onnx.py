@@ -12,12 +12,12 @@ pytest.importorskip("onnx", reason="onnx is not installed (pip install 'asr[onnx
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'asr[onnx]')")
 
 import asr  # noqa: E402
-from asr import onnx_export  # noqa: E402
 from asr.checkpoint import MODEL_WEIGHTS, CheckpointError, load_model_files, save_model  # noqa: E402
 from asr.cli import main as cli_main  # noqa: E402
 from asr.features import FeatureConfig  # noqa: E402
 from asr.model import DeepSpeech2, ModelConfig  # noqa: E402
-from asr.onnx_export import ONNX_FILE, ExportableNetwork, OnnxNetwork, export_onnx, noise_batch  # noqa: E402
+from asr.serve import onnx_export  # noqa: E402
+from asr.serve.onnx_export import ONNX_FILE, ExportableNetwork, OnnxNetwork, export_onnx, noise_batch  # noqa: E402
 
 from .conftest import TEXTS, tone_speech  # noqa: E402
 

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 import asr
 from asr.checkpoint import CheckpointError
-from asr.packaging import ship_model
+from asr.serve.packaging import ship_model
 
 
 def test_shipped_model_is_half_size_and_transcribes_alike(trained_tiny_model, tone_corpus, tmp_path, monkeypatch):
@@ -19,7 +19,8 @@ def test_shipped_model_is_half_size_and_transcribes_alike(trained_tiny_model, to
     assert size == sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     src_weights = (trained_tiny_model / "model.safetensors").stat().st_size
     assert (dest / "model.safetensors").stat().st_size < 0.6 * src_weights
-    assert all(v.dtype == torch.float16 for v in load_file(dest / "model.safetensors").values() if v.is_floating_point())
+    weights = load_file(dest / "model.safetensors").values()
+    assert all(v.dtype == torch.float16 for v in weights if v.is_floating_point())
     assert stat.S_IMODE((dest / "lm").stat().st_mode) & 0o555 == 0o555  # readable and enterable by everyone
     assert (dest / "lm" / "words.txt").read_text() == "a\n"
 
@@ -27,7 +28,7 @@ def test_shipped_model_is_half_size_and_transcribes_alike(trained_tiny_model, to
     audio = [a if os.path.isabs(a) else str(tone_corpus.parent / a) for a in audio]
     full = [t.text for t in asr.load_model(trained_tiny_model).transcribe(audio)]
     monkeypatch.delenv("ASR_MODEL", raising=False)
-    monkeypatch.setattr("asr.packaging.DEFAULT_MODEL_DIR", dest)
+    monkeypatch.setattr("asr.serve.packaging.DEFAULT_MODEL_DIR", dest)
     (dest / "lm").rename(tmp_path / "lm_moved")  # the fake LM is not a real one: load without it
     assert [t.text for t in asr.load_model().transcribe(audio)] == full
     monkeypatch.setenv("ASR_MODEL", str(tmp_path / "elsewhere"))

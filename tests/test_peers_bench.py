@@ -5,10 +5,13 @@ from __future__ import annotations
 import importlib.util
 import sys
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 import torch
+
+from asr.device import describe_machine
 
 from .conftest import TEXTS, write_tone_corpus
 
@@ -71,10 +74,10 @@ def test_run_system_warms_up_once_and_scores_with_our_normaliser(tmp_path):
 def test_table_and_ratios_relative_to_whisper():
     results = [_result(peers.WHISPER, 0.4), _result("fast", 0.05), _result("slow", 0.8)]
     table = peers.markdown_table(results)
-    lines = table.splitlines()
-    assert len(lines) == 2 + len(results)
-    assert "| reference |" in lines[2] and "| 8.0× smaller |" in lines[3] and "| 2.0× larger |" in lines[4]
-    assert "50.00%" in lines[3] and "0.0500" in lines[3]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    assert len(rows) == len(results)
+    assert "reference" in rows[0] and "8.0× smaller" in rows[1] and "2.0× larger" in rows[2]
+    assert "50.00%" in rows[1] and "0.0500" in rows[1]
     assert peers.ratio_sentences(results) == ["fast RTF is 8.0× smaller than Whisper tiny.en's",
                                               "slow RTF is 2.0× larger than Whisper tiny.en's"]
     assert peers.ratio_sentences(results[1:]) == ["Whisper tiny.en was not run: no speed ratios"]
@@ -83,7 +86,26 @@ def test_table_and_ratios_relative_to_whisper():
 def test_machine_is_named():
     info = peers.machine_info(threads=3)
     assert info["cores"] >= 1 and info["cpu"] and info["ctranslate2_cpu_threads"] == 3
-    assert "cores" in peers.describe_machine(info)
+    assert info["versions"]["torch"] == metadata.version("torch") and "pocketsphinx" in info["versions"]
+    line = peers.machine_summary(info)
+    assert f"{info['cpu']}, {info['cores']} cores" in line and f"torch {info['versions']['torch']}" in line
+    assert "cpu_threads 3" in line and f"load average {info['load_average'][0]}" in line
+
+
+def test_the_machine_description_every_bench_uses():
+    info = describe_machine("cpu")
+    assert info["gpu"] is None and info["torch_threads"] == torch.get_num_threads()
+    assert set(info["versions"]) == {"torch", "torchaudio", "onnxruntime"}
+    assert len(info["load_average"]) == 3
+
+
+@pytest.mark.parametrize("script", ["decoders", "inference_speed", "long_audio", "quantization", "train_speed"])
+def test_bench_scripts_import(script):
+    """Each script's imports resolve when run as `python bench/X.py` (from bench/, not from recipes/)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", _PATH.parent / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert callable(module.main)
 
 
 def test_pocketsphinx_transcribes_tone_audio(tmp_path):

@@ -5,11 +5,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 
 import asr
 
-from .conftest import TINY_OVERRIDES, manifest_text_with_absolute_paths, require_system_tools, tone_speech, write_fake_fsdd
+from .conftest import (
+    TINY_OVERRIDES,
+    kaldi_split,
+    manifest_text_with_absolute_paths,
+    require_system_tools,
+    tone_speech,
+    write_fake_fsdd,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = TINY_OVERRIDES + ["train.epochs=2"]
@@ -28,25 +36,30 @@ def check_outputs(out_dir: Path, sets: list[str]) -> None:
     for r in results["results"].values():
         assert 0 <= r["wer"] and 0 <= r["cer"] and r["utterances"] > 0
     table = (out_dir / "RESULTS.md").read_text()
-    assert "| set | utterances | WER | CER |" in table and "run.py" in table
+    assert "run.py" in table  # the command that made it
+    for name, r in results["results"].items():  # every set's figures, as results.json has them
+        assert name in table and f"{r['wer']:.2%}" in table and f"{r['cer']:.2%}" in table
     model = asr.load_model(out_dir / "best")
     assert isinstance(model.transcribe(tone_speech("one"), sample_rate=16000).text, str)
 
 
+@pytest.mark.slow
 def test_fsdd_recipe(tmp_path):
     write_fake_fsdd(tmp_path / "fsdd", takes=3)
     run_recipe("fsdd", "--data", tmp_path / "fsdd", "--out", tmp_path / "exp", "--tts-voices", 0)
     check_outputs(tmp_path / "exp", ["dev", "test-theo-unseen"])
-    _kaldi_split(tmp_path / "extra", ["ONE TWO", "A CAB", "SEVEN"])
-    out = run_recipe("fsdd", "--data", tmp_path / "fsdd", "--out", tmp_path / "exp2", "--extra-kaldi", tmp_path / "extra",
+    kaldi_split(tmp_path / "extra", ["ONE TWO", "A CAB", "SEVEN"])
+    out = run_recipe("fsdd", "--data", tmp_path / "fsdd", "--out", tmp_path / "exp2",
+                     "--extra-kaldi", tmp_path / "extra",
                      "--tts-voices", 0)
     assert "2 utterances with digit words added" in out.stdout
     assert len((tmp_path / "exp2" / "manifests" / "train_with_extra.jsonl").read_text().splitlines()) == 40 + 2
 
 
+@pytest.mark.slow
 def test_fsdd_recipe_with_synthetic_voices_and_beam_search(tmp_path):
-    from asr.lm import missing_build_requirements
-    from asr.synthesis import available_voices
+    from asr.lm.kenlm_tools import missing_build_requirements
+    from asr.tts.engines import available_voices
 
     engines = {v.engine for v in available_voices()}
     require_system_tools([e for e in ("espeak-ng", "flite") if e not in engines] + missing_build_requirements())
@@ -61,24 +74,15 @@ def test_fsdd_recipe_with_synthetic_voices_and_beam_search(tmp_path):
     assert (tmp_path / "exp" / "best" / "lm" / "lm.bin").exists()
 
 
-def _kaldi_split(folder: Path, texts: list[str]) -> None:
-    (folder / "audio").mkdir(parents=True)
-    with open(folder / "text", "w") as t, open(folder / "wav.scp", "w") as w, open(folder / "utt2spk", "w") as s:
-        for i, text in enumerate(texts):
-            utt = f"{folder.name}{i:04d}"
-            sf.write(folder / "audio" / f"{utt}.opus", tone_speech(text.lower(), seed=i), 16000, format="OGG", subtype="OPUS")
-            t.write(f"{utt} {text}\n")
-            w.write(f"{utt} audio/{utt}.opus\n")
-            s.write(f"{utt} spk{i % 3}\n")
-
-
+@pytest.mark.slow
 def test_speechocean762_recipe(tmp_path):
-    _kaldi_split(tmp_path / "so" / "train", ["WE CALL IT BEAR", "ONE TWO", "A CAB"] * 3)
-    _kaldi_split(tmp_path / "so" / "dev", ["ONE TWO", "BEAR"])
+    kaldi_split(tmp_path / "so" / "train", ["WE CALL IT BEAR", "ONE TWO", "A CAB"] * 3)
+    kaldi_split(tmp_path / "so" / "dev", ["ONE TWO", "BEAR"])
     run_recipe("speechocean762", "--data", tmp_path / "so", "--out", tmp_path / "exp")
     check_outputs(tmp_path / "exp", ["dev"])
 
 
+@pytest.mark.slow
 def test_librispeech_recipe(tmp_path):
     root = tmp_path / "LibriSpeech"
     for split, n in (("train-clean-100", 6), ("dev-clean", 2), ("test-clean", 2)):
@@ -98,11 +102,13 @@ def test_librispeech_recipe(tmp_path):
 
 
 def test_librispeech_recipe_without_data_says_where_to_get_it(tmp_path):
-    cmd = [sys.executable, str(ROOT / "recipes/librispeech/run.py"), "--data", str(tmp_path / "none"), "--out", str(tmp_path)]
+    cmd = [sys.executable, str(ROOT / "recipes/librispeech/run.py"), "--data", str(tmp_path / "none"),
+           "--out", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode != 0 and "LibriSpeech folder not found" in out.stderr and "OpenSLR" in out.stderr
 
 
+@pytest.mark.slow
 def test_manifest_recipe(tmp_path, tone_corpus):
     data = tmp_path / "corpus"
     data.mkdir()
@@ -113,12 +119,13 @@ def test_manifest_recipe(tmp_path, tone_corpus):
     check_outputs(tmp_path / "exp", ["dev"])
 
 
+@pytest.mark.slow
 def test_english_recipe_pretrains_on_synthetic_speech_fine_tunes_and_ships(tmp_path):
     import shutil
 
     require_system_tools([t for t in ("espeak-ng",) if shutil.which(t) is None])
-    _kaldi_split(tmp_path / "so" / "train", ["WE CALL IT BEAR", "ONE TWO", "A CAB"] * 2)
-    _kaldi_split(tmp_path / "so" / "dev", ["ONE TWO", "BEAR"])
+    kaldi_split(tmp_path / "so" / "train", ["WE CALL IT BEAR", "ONE TWO", "A CAB"] * 2)
+    kaldi_split(tmp_path / "so" / "dev", ["ONE TWO", "BEAR"])
     write_fake_fsdd(tmp_path / "fsdd", takes=2)
     text = tmp_path / "sentences.txt"
     text.write_text("The cat sat.\nA dog ran home.\nWe like tea.\nShe is here.\nGo to bed now.\n")

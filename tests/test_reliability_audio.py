@@ -88,6 +88,7 @@ BAD = {"empty file": "file is empty", "header with 0 samples": "audio is empty",
        "10 ms clip": "too short"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(BAD))
 def test_unusable_audio_is_named_with_its_problem(kind, tiny, trained_tiny_model, tmp_path, reliability):
     path = _write_bad(kind, tmp_path)
@@ -101,6 +102,7 @@ def test_unusable_audio_is_named_with_its_problem(kind, tiny, trained_tiny_model
     reliability(kind, "CLI", f"exit 1, '{path.name}: {BAD[kind]} ...', the other files transcribed")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["FLAC", "OGG"])
 def test_truncated_file_gives_its_decodable_part_and_a_warning(fmt, tiny, trained_tiny_model, tmp_path, reliability):
     wave = np.concatenate([_speech(), np.zeros(16000 * 3, np.float32), _speech()])
@@ -137,10 +139,12 @@ NOISES = {
     "10 s of digital silence": lambda rng: np.zeros(160_000, np.float32),
     "10 s of noise at -90 dBFS": lambda rng: (10 ** (-90 / 20) * rng.standard_normal(160_000)).astype(np.float32),
     "10 s of white noise at -20 dBFS": lambda rng: (0.1 * rng.standard_normal(160_000)).astype(np.float32),
-    "10 s of loud white noise (clipped)": lambda rng: np.clip(0.5 * rng.standard_normal(160_000), -1, 1).astype(np.float32),
+    "10 s of loud white noise (clipped)":
+        lambda rng: np.clip(0.5 * rng.standard_normal(160_000), -1, 1).astype(np.float32),
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(NOISES))
 def test_silence_and_noise_give_no_words(name, shipped, tmp_path, reliability):
     wave = NOISES[name](np.random.default_rng(0))
@@ -155,6 +159,7 @@ def test_silence_and_noise_give_no_words(name, shipped, tmp_path, reliability):
     reliability(name, "CLI", "exit 0, empty transcript")
 
 
+@pytest.mark.slow
 def test_speech_check_keeps_every_word_of_real_speech(shipped, reliability):
     dev = SHARED_DATA / "speechocean762" / "dev"
     if not (dev / "wav.scp").is_file():
@@ -233,13 +238,14 @@ def test_a_long_file_read_in_windows_gives_what_the_whole_file_gives(tiny, tmp_p
 
 
 # ---------------------------------------------------------------- options, devices, model folders
+@pytest.mark.slow
 def test_bad_options_are_options_errors(tiny, trained_tiny_model, tone_corpus, reliability):
     path = tone_corpus.parent / "utt4.wav"
     with pytest.raises(OptionsError, match="chunk_seconds"):
         tiny.transcribe(path, chunk_seconds=4)
     with pytest.raises(OptionsError, match="did you mean chunk_seconds"):
         tiny.transcribe(path, chunk_second=10)
-    assert asr.TranscribeOptions(hotwords="mark").hotwords == ["mark"]
+    assert tiny.options(hotwords="mark")[1].hotwords == ["mark"]
     reliability("chunk_seconds <= overlap, misspelt option", "API", "OptionsError naming the option")
     for args, problem in ((["--chunk-seconds", "4"], "chunk_seconds"), (["--chunk-seconds", "-1"], "chunk_seconds"),
                           (["--device", "cuda:7"], "cuda"), (["--device", "tpu"], "tpu")):
@@ -255,7 +261,7 @@ def test_an_interrupted_swap_of_lm_is_undone_and_a_missing_lm_is_named(tmp_path,
     shutil.copytree(SHIPPED, folder)
     (folder / "lm").rename(folder / "lm.old")  # killed between the two renames of write_dir_atomically
     model = asr.load_model(folder, device="cpu")
-    assert model.lm is not None and model.beam_options.lexicon and (folder / "lm").is_dir()
+    assert model.lm is not None and model.decoding.lexicon and (folder / "lm").is_dir()
     reliability("interrupted swap of the model's lm/", "API", "put back on load; beam search uses the LM")
     shutil.rmtree(folder / "lm")
     with pytest.raises(CheckpointError, match=r"decoder\.json .*/lm is missing"):
@@ -265,11 +271,11 @@ def test_an_interrupted_swap_of_lm_is_undone_and_a_missing_lm_is_named(tmp_path,
 
 def test_evaluate_on_a_full_disk_keeps_the_previous_results(trained_tiny_model, tone_corpus, tmp_path,
                                                              monkeypatch, reliability):
-    from asr import evaluate
+    from asr.serve import evaluate
 
     model = asr.load_model(trained_tiny_model, device="cpu")
     out = tmp_path / "eval"
-    evaluate.evaluate_manifest(model.model, model.vocab, tone_corpus, out, progress=False)
+    evaluate.evaluate_manifest(model, tone_corpus, out, progress=False)
     before = {name: (out / name).read_bytes() for name in ("hypotheses.jsonl", "summary.json")}
     written = []
 
@@ -281,7 +287,7 @@ def test_evaluate_on_a_full_disk_keeps_the_previous_results(trained_tiny_model, 
 
     monkeypatch.setattr(evaluate, "utterance_wer", fill_the_disk)
     with pytest.raises(ASRError, match="No space left on device"):
-        evaluate.evaluate_manifest(model.model, model.vocab, tone_corpus, out, progress=False)
+        evaluate.evaluate_manifest(model, tone_corpus, out, progress=False)
     assert {name: (out / name).read_bytes() for name in before} == before
     assert sorted(p.name for p in out.iterdir()) == sorted(before)  # no temporary left behind
     assert json.loads(before["summary.json"])["utterances"] == len(TEXTS)

@@ -18,12 +18,13 @@ from asr.audio import AudioError
 from asr.checkpoint import save_model
 from asr.cli import main
 from asr.config import load_config
-from asr.corpora import CorpusError, prepare_kaldi, prepare_librispeech
-from asr.data import ManifestError, check_audio_files, read_manifest
-from asr.evaluate import decode_utterances
+from asr.manifest import ManifestError, check_audio_files, read_manifest
 from asr.model import DeepSpeech2
+from asr.serve.evaluate import evaluate_utterances
+from asr.serve.transcribe import ASRModel
 from asr.text import Vocabulary
-from asr.train import Trainer
+from asr.train.corpora import CorpusError, prepare_kaldi, prepare_librispeech
+from asr.train.trainer import Trainer
 
 from .conftest import TINY_OVERRIDES, tone_speech, write_tone_corpus
 
@@ -115,7 +116,7 @@ def test_audio_failing_to_decode_in_a_worker_is_skipped_in_training(tmp_path, ca
     _add_line(train, _nan_wav(tmp_path / "c" / "bad.wav"), "ace", duration=0.41)  # its header is fine
     config = load_config(None, QUICK + ["data.num_workers=1", "train.log_every_steps=1"] + overrides)
     trainer = Trainer(config, train, dev, tmp_path / "exp", progress=False)
-    with caplog.at_level(logging.WARNING, logger="asr.train"):
+    with caplog.at_level(logging.WARNING, logger="asr.train.trainer"):
         result = trainer.fit()
     assert trainer.skipped_utterances == 1 and result.steps == trainer.total_steps
     warnings = [r.getMessage() for r in caplog.records if "bad.wav" in r.getMessage()]
@@ -126,15 +127,16 @@ def test_audio_failing_to_decode_in_a_worker_is_skipped_in_training(tmp_path, ca
                 "utterance skipped and counted, warning '.../bad.wav: ... NaN ...; skipped'")
 
 
-def test_audio_failing_to_decode_in_a_worker_raises_audio_error_in_evaluation(tmp_path, reliability):
+def test_audio_failing_to_decode_in_a_loader_thread_raises_audio_error_in_evaluation(tmp_path, reliability):
     manifest = write_tone_corpus(tmp_path / "c")
     _add_line(manifest, _nan_wav(tmp_path / "c" / "bad.wav"), "ace", duration=0.41)
     with pytest.raises(AudioError, match=r"bad\.wav: audio contains NaN"):
-        decode_utterances(_tiny_model(), Vocabulary(), read_manifest(manifest), num_workers=1, progress=False)
-    reliability("audio that fails to decode during evaluation (loader worker)", "Python API",
+        evaluate_utterances(ASRModel(_tiny_model(), Vocabulary()), read_manifest(manifest), progress=False)
+    reliability("audio that fails to decode during evaluation (loader thread)", "Python API",
                 "AudioError in the main process: '.../bad.wav: audio contains NaN or infinite samples'")
 
 
+@pytest.mark.slow
 def test_train_cli_skips_audio_failing_to_decode(tmp_path, reliability):
     train = write_tone_corpus(tmp_path / "c")
     _add_line(train, _nan_wav(tmp_path / "c" / "bad.wav"), "ace", duration=0.41)
@@ -231,7 +233,7 @@ def test_untrainable_utterances_are_counted_and_skipped_before_training(tmp_path
     sf.write(tmp_path / "c" / "short.wav", tone_speech("ab"), 16_000)  # 0.34 s for 26 letters
     _add_line(train, tmp_path / "c" / "short.wav", "abcdefghijklmnopqrstuvwxyz", duration=0.34)
     config = load_config(None, QUICK + ["train.log_every_steps=1"])
-    with caplog.at_level(logging.WARNING, logger="asr.train"):
+    with caplog.at_level(logging.WARNING, logger="asr.train.trainer"):
         trainer = Trainer(config, train, dev, tmp_path / "exp", progress=False)
     assert [u.audio_filepath for u in trainer.train_utts] == [str(tmp_path / "c" / f"utt{i}.wav") for i in range(6)]
     message = "\n".join(r.getMessage() for r in caplog.records)

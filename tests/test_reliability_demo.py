@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import asr.demo
-from asr.demo import DemoError, DemoLimits, analyze
-from asr.transcribe import load_model
+import asr.serve.demo
+from asr.serve.demo import DemoError, DemoLimits, analyze
+from asr.serve.transcribe import load_model
 
 from .conftest import TEXTS, served_demo, tone_speech
 
@@ -89,7 +89,7 @@ def test_long_audio_is_refused_from_its_header_without_decoding(trained_tiny_mod
     path = _write_near_silent_flac(tmp_path / "hour.flac", 60 * 60)
     assert path.stat().st_size < 2 * 2 ** 20  # an hour of near-silence: a small upload
     decoded = []
-    monkeypatch.setattr(asr.demo, "load_audio", lambda *a, **k: decoded.append(a) or pytest.fail("decoded"))
+    monkeypatch.setattr(asr.serve.demo, "load_audio", lambda *a, **k: decoded.append(a) or pytest.fail("decoded"))
     with pytest.raises(DemoError, match=r"hour.flac is 3600 s long; this demo takes up to 5 s") as e:
         analyze(load_model(trained_tiny_model), str(path), "greedy", DemoLimits(max_seconds=5))
     assert decoded == []
@@ -100,7 +100,7 @@ def test_long_audio_is_refused_from_its_header_without_decoding(trained_tiny_mod
 def test_audio_too_big_to_decode_is_refused_from_its_header(trained_tiny_model, tmp_path, monkeypatch, reliability):
     path = tmp_path / "wide.flac"
     sf.write(path, np.zeros((3 * 192_000, 8), dtype=np.float32), 192_000)  # 3 s, 8 channels: 18 MB decoded
-    monkeypatch.setattr(asr.demo, "load_audio", lambda *a, **k: pytest.fail("decoded"))
+    monkeypatch.setattr(asr.serve.demo, "load_audio", lambda *a, **k: pytest.fail("decoded"))
     with pytest.raises(DemoError, match=r"wide.flac would take 18 MB to decode \(8 channels at 192000 Hz\)") as e:
         analyze(load_model(trained_tiny_model), str(path), "greedy", DemoLimits(max_decoded_mb=10))
     reliability("short FLAC of many channels at a high rate, over the decode budget", "web demo",
@@ -115,16 +115,19 @@ def test_the_demo_drops_words_in_noise_like_transcribe(trained_tiny_model, audio
         assert (got.text, [w[0] for w in got.words]) == (expected.text, [w.word for w in expected.words])
 
 
+@pytest.mark.slow
 def test_an_empty_model_means_the_servers_default(demo_url, audio, reliability):
     client = gradio_client.Client(demo_url, verbose=False)
     assert _transcribe(client, audio["cab"], "")[0] == "cab"
     reliability("API call with an empty model path", "web demo", "the server's default (first --model)")
 
 
+@pytest.mark.slow
 def test_the_model_box_offers_only_the_configured_models(demo_url, models, audio, tmp_path, reliability):
     config = json.loads(urllib.request.urlopen(demo_url + "config", timeout=10).read())
     dropdowns = [c["props"] for c in config["components"] if c.get("type") == "dropdown"]
-    assert [[v for _, v in d["choices"]] for d in dropdowns] == [[str(models["default"]), str(models["second"])]]
+    # the upload tab's box and the live tab's: each offers only the configured models
+    assert [[v for _, v in d["choices"]] for d in dropdowns] == [[str(models["default"]), str(models["second"])]] * 2
     assert dropdowns[0]["value"] == str(models["default"])
 
     client = gradio_client.Client(demo_url, verbose=False)
@@ -140,6 +143,7 @@ def test_the_model_box_offers_only_the_configured_models(demo_url, models, audio
                 f"refused, the same message either way: '{messages[0]}'")
 
 
+@pytest.mark.slow
 def test_fifty_parallel_requests_all_get_their_transcripts(demo_url, audio, reliability):
     client = gradio_client.Client(demo_url, verbose=False)
     texts = [TEXTS[i % len(TEXTS)] for i in range(50)]
@@ -149,6 +153,7 @@ def test_fifty_parallel_requests_all_get_their_transcripts(demo_url, audio, reli
     reliability("50 parallel API requests", "web demo", "all 50 transcripts right; the server keeps serving")
 
 
+@pytest.mark.slow
 def test_a_200_mb_upload_is_refused_quickly_and_the_server_keeps_serving(demo_url, audio, tmp_path, reliability):
     big = tmp_path / "big.wav"
     with open(big, "wb") as f:  # sparse: 200 MB on paper, nothing on disk
@@ -166,6 +171,7 @@ def test_a_200_mb_upload_is_refused_quickly_and_the_server_keeps_serving(demo_ur
     reliability("200 MB upload", "web demo", f"HTTP 413 in {seconds:.1f} s: '{r.text}'")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, message", [
     ("random", "Cannot use random.flac"), ("text", "Cannot use notes.mp3"), ("long", "long.flac is 1800 s long"),
 ])
@@ -179,9 +185,11 @@ def test_non_audio_and_long_uploads_get_a_message_and_the_next_request_works(dem
                 "web demo", f"message: '{e.value}'")
 
 
+@pytest.mark.slow
 def test_a_model_folder_that_cannot_load_stops_the_demo_at_its_start(tmp_path, reliability):
     cmd = [sys.executable, "-m", "asr.cli", "demo", "--model", str(tmp_path / "nowhere"), "--port", str(_free_port())]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith("asr demo: error: Cannot load the model in ") and "nowhere" in proc.stderr
-    reliability("asr demo --model FOLDER that is not a model", "CLI", f"exit 2: '{proc.stderr.strip().replace(str(tmp_path), 'DIR')}'")
+    message = proc.stderr.strip().replace(str(tmp_path), "DIR")
+    reliability("asr demo --model FOLDER that is not a model", "CLI", f"exit 2: '{message}'")

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import asr
-from asr.beam_search import BeamSearchDecoder, BeamSearchOptions
+from asr.decoding import DecodingOptions
 from asr.errors import ASRError, OptionsError
-from asr.lm import LanguageModel, LMError, build_lm, kenlm_tools, missing_build_requirements, normalized_sentences
+from asr.lm.beam_search import BeamSearchDecoder
+from asr.lm.kenlm_tools import LMError, kenlm_tools, missing_build_requirements
+from asr.lm.language_model import LanguageModel, build_lm, normalized_sentences
 from asr.metrics import error_rates
 from asr.text import Vocabulary
-from asr.transcribe import TranscribeOptions
 
 from .conftest import SHARED_DATA, require_system_tools
 from .test_lm import _posteriors
@@ -135,7 +136,7 @@ def test_lm_damaged_after_loading_fails_when_the_decoder_is_built(small_lm, tmp_
     (folder / "lm.bin").write_bytes(GARBAGE_AFTER_MAGIC)
     for hotwords in ([], ["bed"]):
         with pytest.raises(LMError, match="damaged KenLM binary") as error:
-            BeamSearchDecoder(VOCAB, lm, BeamSearchOptions(hotwords=hotwords))
+            BeamSearchDecoder(VOCAB, lm, DecodingOptions(decoder="beam", hotwords=hotwords))
         assert str(folder / "lm.bin") in str(error.value)
     reliability("LM: lm.bin damaged after loading", "Python", "LMError when the beam decoder is built")
 
@@ -171,14 +172,15 @@ BAD_OR_BED = [{"_": 0.9}, {"b": 0.95}, {"_": 0.9}, {"a": 0.52, "e": 0.46}, {"_":
 
 
 def test_hotwords_string_is_one_phrase(small_lm, reliability):
-    assert BeamSearchOptions(hotwords="bed").hotwords == ["bed"]
-    assert BeamSearchOptions(hotwords=("bad egg", "bed")).hotwords == ["bad egg", "bed"]
+    assert DecodingOptions(decoder="beam", hotwords="bed").hotwords == ["bed"]
+    assert DecodingOptions(decoder="beam", hotwords=("bad egg", "bed")).hotwords == ["bad egg", "bed"]
     lp = _posteriors(BAD_OR_BED)[None]
-    decoder = BeamSearchDecoder(VOCAB, LanguageModel.load(small_lm), BeamSearchOptions(lm_weight=1.0, hotwords="bed"))
+    decoder = BeamSearchDecoder(VOCAB, LanguageModel.load(small_lm),
+                                DecodingOptions(decoder="beam", lm_weight=1.0, hotwords="bed"))
     assert decoder.decode(lp, torch.tensor([lp.shape[1]]), 0.04)[0].text == "bed"
     for bad in (5, ["bed", 3], [None]):
         with pytest.raises(OptionsError, match="hotwords"):
-            BeamSearchOptions(hotwords=bad)
+            DecodingOptions(decoder="beam", hotwords=bad)
     reliability("hotwords=\"bed\" (a string)", "Python", "one phrase, as [\"bed\"]")
 
 
@@ -189,7 +191,7 @@ PAUSE = {"_": 0.99}
 
 
 def test_long_emissions_are_cut_at_pauses_into_short_pieces():
-    from asr.beam_search import speech_pieces
+    from asr.lm.beam_search import speech_pieces
 
     # a pause of a second or more inside the speech is a cut; silence at either end is not
     lp = _posteriors([PAUSE] * 70 + SPEECH + [PAUSE] * 60 + SPEECH + [PAUSE] * 70)
@@ -221,12 +223,13 @@ def _speechocean_minutes(minutes: float) -> tuple[torch.Tensor, str]:
     return torch.cat(waves), " ".join(refs)
 
 
+@pytest.mark.slow
 def test_beam_search_on_five_minutes_of_speech_spells_lm_words(reliability):
     wave, reference = _speechocean_minutes(5)
     model = asr.load_model(device="cpu")
     assert model.lm is not None
     log_probs = model.posteriors([wave])[0]  # once for both decoders
-    beam, greedy = (model.decode(log_probs, len(wave) / 16_000, TranscribeOptions(decoder=d), wave)
+    beam, greedy = (model.decode(log_probs, len(wave) / 16_000, wave, decoder=d)
                     for d in ("beam", "greedy"))
     vocabulary = set(model.lm.words)
     glued = [w for w in beam.text.split() if w not in vocabulary]

@@ -19,9 +19,9 @@ from asr.config import ConfigError, load_config
 from asr.files import recover_dir, write_dir_atomically
 from asr.model import DeepSpeech2, ModelConfig
 from asr.text import Vocabulary
-from asr.train import Trainer
+from asr.train.trainer import Trainer
 
-from .conftest import TINY_OVERRIDES
+from .conftest import TINY_OVERRIDES, after_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["train.checkpoint_every_steps=3", "train.eval_every_steps=2", "train.log_every_steps=1",
@@ -32,9 +32,13 @@ class Crash(Exception):
     """Stands in for a kill at a chosen moment."""
 
 
-def _trainer(corpus: Path, out: Path, *overrides: str, on_step=None) -> Trainer:
+def _trainer(corpus: Path, out: Path, *overrides: str) -> Trainer:
     config = load_config(None, TINY_OVERRIDES + RUN + list(overrides))
-    return Trainer(config, corpus, corpus, out, progress=False, on_step=on_step)
+    return Trainer(config, corpus, corpus, out, progress=False)
+
+
+def _crash() -> None:
+    raise Crash()
 
 
 def _tiny_model() -> DeepSpeech2:
@@ -85,12 +89,9 @@ def small_disk(tmp_path):
 def test_disk_full_during_training_keeps_the_last_checkpoint_and_best(tone_corpus, small_disk, reliability):
     out = small_disk / "exp"
 
-    def fill_after_first_checkpoint(step: int) -> None:
-        if step == 3:  # step-00000003 and best/ are written; the next checkpoint finds no space
-            _fill_disk(small_disk)
-
-    trainer = _trainer(tone_corpus, out, "train.max_steps=6", "train.eval_every_steps=3", "train.log_every_steps=100",
-                       on_step=fill_after_first_checkpoint)
+    trainer = _trainer(tone_corpus, out, "train.max_steps=6", "train.eval_every_steps=3", "train.log_every_steps=100")
+    # after step 3, step-00000003 and best/ are written; the next checkpoint finds no space
+    after_step(trainer, 3, lambda: _fill_disk(small_disk))
     with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*: no space left on device"):
         trainer.fit()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003"]
@@ -201,6 +202,7 @@ def test_truncated_or_mismatched_weights_are_a_checkpoint_error(tmp_path, reliab
     reliability("weights that do not match model.json", "Python", "CheckpointError '... does not match model.json'")
 
 
+@pytest.mark.slow
 def test_model_folder_errors_reach_the_cli_without_traceback(tmp_path, reliability):
     save_model(tmp_path / "m", _tiny_model(), Vocabulary())
     _edit_model_json(tmp_path / "m", lambda meta: _set(meta, "config.gru_hidden", 200_000))
@@ -261,6 +263,7 @@ def test_unknown_config_keys_suggest_close_matches(override, unknown, suggestion
     reliability(f"config typo {key}", "Python", f"ConfigError '... {suggestion}'")
 
 
+@pytest.mark.slow
 def test_bad_config_values_reach_the_cli_without_traceback(tone_corpus, tmp_path, reliability):
     done = _run_cli("train", "--train", str(tone_corpus), "--dev", str(tone_corpus), "--out", str(tmp_path / "o"),
                     "train.lr=-1")
@@ -274,12 +277,8 @@ def test_resume_removes_leftovers_and_log_rows_past_the_checkpoint(tone_corpus, 
     straight = tmp_path / "straight"
     _trainer(tone_corpus, straight, "train.max_steps=6").fit()
     out = tmp_path / "killed"
-
-    def crash(step: int) -> None:
-        if step == 5:
-            raise Crash()
     with pytest.raises(Crash):
-        _trainer(tone_corpus, out, "train.max_steps=6", on_step=crash).fit()
+        after_step(_trainer(tone_corpus, out, "train.max_steps=6"), 5, _crash).fit()
     # what kills at other moments leave: half-written folders, swapped-out old copies, a half-written row
     (out / "checkpoints" / ".step-00000005.tmp-k1ll3d").mkdir()
     (out / "checkpoints" / ".step-00000005.tmp-k1ll3d" / "model.json").write_text("{")
@@ -339,6 +338,7 @@ def test_a_kill_between_swapping_folders_twice_loses_nothing(tmp_path, monkeypat
 
 
 # ---------------------------------------------------------------- 5. resuming with another model
+@pytest.mark.slow
 def test_resume_with_another_architecture_is_refused_before_writing(tone_corpus, tmp_path, reliability):
     out = tmp_path / "o"
     _trainer(tone_corpus, out, "train.max_steps=3").fit()

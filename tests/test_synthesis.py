@@ -5,15 +5,28 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-import asr.synthesis as synthesis
-from asr.synthesis import (ENGINES, SynthesisError, SynthesisJob, Voice, available_voices, build_corpus,
-                           plan_jobs, synthesize)
+import asr.tts.engines as synthesis
+from asr.files import remove_leftovers
+from asr.tts.engines import (
+    ENGINES,
+    SynthesisError,
+    SynthesisJob,
+    Voice,
+    available_voices,
+    build_corpus,
+    plan_jobs,
+    synthesize,
+)
+
 from .conftest import require_system_tools
 
 INSTALL = "recipes/synthetic/install.sh installs it"
@@ -88,14 +101,19 @@ def test_engine_follows_speed_and_pitch(engine, installed, tmp_path):
         assert median_f0(high, 16_000) > 1.15 * median_f0(low, 16_000)
 
 
-def test_espeak_and_flite_plans_and_ids_are_unchanged():
-    """Existing recipes' files: the same keys, speeds and pitches as before the other engines came."""
+def test_espeak_and_flite_plans_keep_their_ids_and_draw_within_each_voice_range():
+    """Existing recipes' files are found by these keys; each copy draws its own speed and pitch, reproducibly."""
     voices = [Voice("espeak-ng", "en-us+m1"), Voice("flite", "slt"), Voice("flite", "kal16")]
     assert [v.id for v in voices] == ["espeakng_enus_m1", "flite_slt", "flite_kal16"]
-    assert [(j.key, j.speed, j.pitch) for j in plan_jobs(["one"], voices, copies=2, seed=0, prefix="digit")] == [
-        ("digit000000_espeakng_enus_m1_0", 0.91, 37.0), ("digit000000_espeakng_enus_m1_1", 1.067, 62.5),
-        ("digit000000_flite_slt_0", 1.036, 182.3), ("digit000000_flite_slt_1", 0.958, 192.9),
-        ("digit000000_flite_kal16_0", 1.228, 111.5), ("digit000000_flite_kal16_1", 1.235, 134.4)]
+    plan = plan_jobs(["one"], voices, copies=2, seed=0, prefix="digit")
+    assert [j.key for j in plan] == [f"digit000000_{v.id}_{c}" for v in voices for c in (0, 1)]
+    pitch_range = {"espeakng_enus_m1": (30, 75), "flite_slt": (160, 230), "flite_kal16": (85, 140)}
+    for job in plan:
+        low, high = pitch_range[job.voice.id]
+        assert low <= job.pitch <= high and 0.8 <= job.speed <= 1.25, job
+    assert len({(j.speed, j.pitch) for j in plan}) == len(plan)  # every copy its own draw
+    assert plan_jobs(["one"], voices, copies=2, seed=0, prefix="digit") == plan
+    assert plan_jobs(["one"], voices, copies=2, seed=1, prefix="digit") != plan
 
 
 ONE_VOICE_PER_ENGINE = [Voice("espeak-ng", "en-us+m1"), Voice("flite", "awb"), Voice("mbrola", "mb-us1"),
@@ -144,7 +162,7 @@ def test_build_corpus_resumes_and_leaves_finished_files_untouched(tmp_path, monk
     done = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.flac")}
     assert {f"{j.key}.flac" for j in jobs[:2]} <= set(done) and f"{jobs[2].key}.flac" not in done
     assert not (tmp_path / "m.jsonl").exists()
-    (tmp_path / f"{jobs[2].key}.tmp.flac").write_bytes(b"half a file from a killed run")
+    (tmp_path / f".{jobs[2].key}.flac.x1y2z3.tmp").write_bytes(b"half a file from a killed run")
 
     calls.clear()
     monkeypatch.setattr(synthesis, "_run_engine", fake_engine(calls))
@@ -158,6 +176,54 @@ def test_build_corpus_resumes_and_leaves_finished_files_untouched(tmp_path, monk
     calls.clear()
     build_corpus(jobs, tmp_path, tmp_path / "m.jsonl")
     assert calls == []
+
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+from pathlib import Path
+import soundfile as sf
+import asr.tts.engines as synthesis
+from tests.test_synthesis import fake_engine
+
+write = sf.write
+def write_half_then_die(file, data, *args, **kwargs):
+    write(file, data[: len(data) // 2], *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+synthesis._run_engine = fake_engine([])
+sf.write = write_half_then_die
+job = synthesis.SynthesisJob("k1", "hello", synthesis.Voice("flite", "slt"), 1.0, 100.0)
+synthesis.synthesize(job, Path(sys.argv[1]))
+"""
+
+
+def test_a_kill_mid_write_leaves_only_a_temporary_and_a_rerun_completes_the_file(tmp_path, monkeypatch):
+    out = tmp_path / "clean"
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(out)], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (out / "k1.flac").exists() and not list(out.glob("*.flac"))  # nothing that looks like audio
+    [leftover] = out.iterdir()
+    assert leftover.stat().st_size > 0  # the half-written temporary
+
+    calls: list[str] = []
+    monkeypatch.setattr(synthesis, "_run_engine", fake_engine(calls))
+    job = SynthesisJob("k1", "hello", Voice("flite", "slt"), 1.0, 100.0)
+    utt = synthesize(job, out)
+    assert calls == ["k1"] and sf.info(utt.audio_filepath).duration == pytest.approx(utt.duration)
+    assert remove_leftovers(out, "*.flac") == [leftover]  # the temporary is one files.py recognises
+    assert [p.name for p in out.iterdir()] == ["k1.flac"]
+    assert synthesize(job, out) == utt and calls == ["k1"]  # finished: not made again
+
+
+def test_progress_is_a_plain_tqdm_bar(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(synthesis, "_run_engine", fake_engine([]))
+    jobs = plan_jobs(["one", "two"], [Voice("flite", "slt")], seed=0)
+    build_corpus(jobs, tmp_path / "a", tmp_path / "a.jsonl", workers=1, progress=False)
+    assert capsys.readouterr().err == ""
+    build_corpus(jobs, tmp_path / "b", tmp_path / "b.jsonl", workers=1, description="speaking")
+    err = capsys.readouterr().err
+    assert "speaking" in err and "2/2" in err
 
 
 def test_failing_engine_names_engine_key_and_its_error(installed, tmp_path):

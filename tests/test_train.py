@@ -1,3 +1,4 @@
+import copy
 import csv
 import json
 
@@ -6,12 +7,12 @@ import torch
 from safetensors.torch import load_file
 
 import asr
-from asr.data import ManifestError
 from asr.checkpoint import load_trainer_state
 from asr.config import load_config
-from asr.train import Trainer
+from asr.manifest import ManifestError
+from asr.train.trainer import Trainer
 
-from .conftest import TEXTS, TINY_OVERRIDES, manifest_text_with_absolute_paths
+from .conftest import TEXTS, TINY_OVERRIDES, after_step, manifest_text_with_absolute_paths
 
 
 def test_tiny_model_overfits_to_zero_error(trained_tiny_model, tone_corpus):
@@ -30,17 +31,21 @@ class Crash(Exception):
     pass
 
 
+def _crash() -> None:
+    raise Crash()
+
+
 def _run(corpus, out, crash_at=None, **kw):
     overrides = TINY_OVERRIDES + ["train.epochs=4", "data.max_batch_seconds=1", "train.checkpoint_every_steps=3",
                                   "train.eval_every_steps=100", "model.dropout=0.2", "model.features.time_masks=1"]
     config = load_config(None, overrides + [f"{k}={v}" for k, v in kw.items()])
+    trainer = Trainer(config, corpus, corpus, out, progress=False)
+    if crash_at is not None:
+        after_step(trainer, crash_at, _crash)
+    return trainer
 
-    def on_step(step):
-        if crash_at is not None and step == crash_at:
-            raise Crash()
-    return Trainer(config, corpus, corpus, out, progress=False, on_step=on_step)
 
-
+@pytest.mark.slow
 @pytest.mark.parametrize("ema_decay", [0.0, 0.8])
 def test_interrupted_run_resumes_to_the_same_weights(tone_corpus, tmp_path, ema_decay):
     straight = _run(tone_corpus, tmp_path / "straight", **{"train.ema_decay": ema_decay})
@@ -81,7 +86,8 @@ def test_bad_audio_in_training_manifest_names_the_file(tone_corpus, tmp_path):
     bad = tmp_path / "broken.wav"
     bad.write_bytes(b"RIFF....WAVEfmt garbage")
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text(manifest_text_with_absolute_paths(tone_corpus).replace(f"{tone_corpus.parent}/utt1.wav", str(bad)))
+    text = manifest_text_with_absolute_paths(tone_corpus)
+    manifest.write_text(text.replace(f"{tone_corpus.parent}/utt1.wav", str(bad)))
     with pytest.raises(ManifestError, match=r"line 2: \S*broken\.wav"):
         _run(manifest, tmp_path / "out").fit()
 
@@ -104,8 +110,18 @@ def test_init_from_starts_at_the_given_weights_and_refuses_another_architecture(
     result = Trainer(config, tone_corpus, tone_corpus, tmp_path / "ft", progress=False).fit()
     tuned = load_file(result.best_dir / "model.safetensors")
     # BatchNorm statistics move with the one step in train mode; the weights must not
-    assert all(torch.equal(source[k], tuned[k]) for k in source if not k.endswith(("num_batches_tracked", "running_mean", "running_var")))
+    statistics = ("num_batches_tracked", "running_mean", "running_var")
+    assert all(torch.equal(source[k], tuned[k]) for k in source if not k.endswith(statistics))
     assert result.best_wer == 0.0  # the trained model's accuracy carries over
     config = load_config(None, TINY_OVERRIDES + [f"train.init_from={trained_tiny_model}", "model.gru_hidden=24"])
     with pytest.raises(CheckpointError, match="gru_hidden"):
         Trainer(config, tone_corpus, tone_corpus, tmp_path / "bad", progress=False).fit()
+
+
+def test_the_callers_config_is_left_unchanged(tone_corpus, tmp_path):
+    config = load_config(None, TINY_OVERRIDES + ["model.vocab_size=40", "train.max_steps=1"])
+    before = copy.deepcopy(config)
+    trainer = Trainer(config, tone_corpus, tone_corpus, tmp_path / "o", progress=False)
+    assert trainer.config.model.vocab_size == len(trainer.vocab) != 40  # the model is sized by the vocabulary
+    trainer.fit()
+    assert config == before

@@ -82,7 +82,7 @@ def test_long_audio_end_to_end(trained_tiny_model):
 
 def test_load_model_errors(tmp_path, monkeypatch, trained_tiny_model):
     monkeypatch.delenv("ASR_MODEL", raising=False)
-    monkeypatch.setattr("asr.packaging.DEFAULT_MODEL_DIR", tmp_path / "no_default_model")
+    monkeypatch.setattr("asr.serve.packaging.DEFAULT_MODEL_DIR", tmp_path / "no_default_model")
     with pytest.raises(FileNotFoundError, match="ASR_MODEL"):
         asr.load_model()
     with pytest.raises(CheckpointError, match="not found"):
@@ -95,6 +95,7 @@ def _cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "asr.cli", *map(str, args)], capture_output=True, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_cli_transcribe_formats_and_bad_input(trained_tiny_model, tone_corpus, tmp_path):
     path = tone_corpus.parent / "utt4.wav"
     out = _cli("transcribe", path, "--model", trained_tiny_model)
@@ -115,6 +116,7 @@ def test_cli_transcribe_formats_and_bad_input(trained_tiny_model, tone_corpus, t
     assert out.returncode == 2 and "model.safetensors: not found" in out.stderr
 
 
+@pytest.mark.slow
 def test_cli_help_for_every_command():
     for cmd in ("prepare", "train", "evaluate", "transcribe"):
         out = _cli(cmd, "--help")

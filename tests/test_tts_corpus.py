@@ -8,10 +8,11 @@ from collections import Counter
 import pytest
 import soundfile as sf
 
+import asr.tts.corpus as tts_corpus
 from asr.augment import AugmentOptions
-from asr.data import read_manifest
-from asr.synthesis import Voice
-from asr.tts_corpus import augment_files, make_tts_corpus, pick_voices, plan_corpus, read_sentences, split_voices
+from asr.manifest import read_manifest
+from asr.tts.corpus import augment_files, make_tts_corpus, pick_voices, plan_corpus, read_sentences, split_voices
+from asr.tts.engines import Voice
 from tests.conftest import require_system_tools
 
 VOICES = ([Voice("espeak-ng", f"en-us+m{i}") for i in range(40)] + [Voice("flite", n) for n in ("awb", "slt", "rms")]
@@ -70,6 +71,25 @@ def test_augmented_copies_are_deterministic_and_resumable(tone_corpus, tmp_path)
     os.utime(first, ns=(1, 1))  # a finished file is never redone
     augment_files(utts, tmp_path / "a", opts, seed=3)
     assert first.stat().st_mtime_ns == 1
+
+
+def test_a_failed_write_leaves_nothing_and_a_rerun_writes_the_copy(tone_corpus, tmp_path, monkeypatch):
+    utts = read_manifest(tone_corpus)[:2]
+    opts = AugmentOptions(noise_prob=1.0)
+    write = sf.write
+
+    def write_half_then_fail(file, data, *args, **kwargs):
+        write(file, data[: len(data) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tts_corpus.sf, "write", write_half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        augment_files(utts, tmp_path, opts, workers=1, progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither a half file under its name nor a temporary
+    monkeypatch.setattr(tts_corpus.sf, "write", write)
+    copies = augment_files(utts, tmp_path, opts, workers=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{u.id}.flac" for u in utts)
+    assert all(sf.info(c.audio_filepath).duration == pytest.approx(u.duration, abs=0.01) for c, u in zip(copies, utts))
 
 
 def test_a_small_corpus_end_to_end_with_espeak(tmp_path):

@@ -18,13 +18,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
+from asr.manifest import read_manifest, write_manifest
+from asr.serve.packaging import DEFAULT_MODEL_DIR, ship_model
+from asr.train.corpora import prepare_fsdd, prepare_kaldi
 
-from asr.corpora import prepare_fsdd, prepare_kaldi
-from asr.data import read_manifest, write_manifest
-from asr.packaging import DEFAULT_MODEL_DIR, ship_model
-from asr.recipe import recipe_arguments, run_experiment
-from asr.tts_corpus import make_tts_corpus
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/driver.py
+from asr.tts.corpus import make_tts_corpus
+from driver import recipe_arguments, run_experiment
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1].parent / "shared/data"
@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=2, help="--mode finetune: epochs on synthetic speech")
     parser.add_argument("--train-sentences", type=int, default=6000, help="synthetic training sentences")
     parser.add_argument("--dev-sentences", type=int, default=300, help="synthetic dev sentences (held-out voices)")
-    parser.add_argument("--tts-text", nargs="+", default=[str(p) for p in TTS_TEXT], help="sentence files to synthesise")
+    parser.add_argument("--tts-text", nargs="+", default=[str(p) for p in TTS_TEXT],
+                        help="sentence files to synthesise")
     parser.add_argument("--tts-engines", nargs="+", help="only these TTS engines (default: every installed one)")
     parser.add_argument("--synthetic", help="synthetic corpus folder (default OUT/synthetic; shared between runs)")
     parser.add_argument("--ship", nargs="?", const=str(DEFAULT_MODEL_DIR), metavar="DIR",
@@ -56,12 +57,8 @@ def main() -> None:
         args.lm_text, args.lm_order = [str(p) for p in LM_TEXT], max(args.lm_order, 4)
     out = Path(args.out)
     command = shlex.join(["python", *sys.argv])
-
-    def progress(desc: str):
-        return lambda it, total: tqdm(it, total=total, desc=desc, disable=args.no_progress)
-
     corpus = make_tts_corpus(args.synthetic or out / "synthetic", args.tts_text, args.train_sentences,
-                             args.dev_sentences, engines=args.tts_engines, progress=progress)
+                             args.dev_sentences, engines=args.tts_engines, progress=not args.no_progress)
     manifests = out / "manifests"
     so_train = prepare_kaldi(Path(args.data) / "train", manifests / "so762_train.jsonl")
     so_dev = prepare_kaldi(Path(args.data) / "dev", manifests / "so762_dev.jsonl")

@@ -14,13 +14,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
+from asr.manifest import read_manifest, write_manifest
+from asr.train.corpora import DIGIT_WORDS, prepare_fsdd, prepare_kaldi
 
-from asr.corpora import DIGIT_WORDS, prepare_fsdd, prepare_kaldi
-from asr.data import read_manifest, write_manifest
-from asr.recipe import recipe_arguments, run_experiment
-from asr.synthesis import available_voices, build_corpus, plan_jobs, require_engines
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/driver.py
 from asr.text import normalize_text
+from asr.tts.engines import available_voices, build_corpus, plan_jobs, require_engines
+from driver import recipe_arguments, run_experiment
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,8 +32,7 @@ def synthetic_digits(folder: Path, espeak_voices: int, copies: int, progress: bo
     chosen = random.Random(0).sample(espeak, min(espeak_voices, len(espeak)))
     chosen += [v for v in voices if v.engine == "flite"]
     jobs = plan_jobs(DIGIT_WORDS, chosen, copies=copies, seed=0, prefix="digit")
-    utts = build_corpus(jobs, folder, folder / "manifest.jsonl", sample_rate=8000,
-                        progress=lambda it, total: tqdm(it, total=total, desc="synthesising", disable=not progress))
+    utts = build_corpus(jobs, folder, folder / "manifest.jsonl", sample_rate=8000, progress=progress)
     print(f"{len(utts)} synthetic utterances from {len(chosen)} voices added")
     return utts
 

@@ -9,9 +9,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from asr.corpora import CorpusError, prepare_librispeech
-from asr.data import read_manifest, write_manifest
-from asr.recipe import recipe_arguments, run_experiment
+from asr.manifest import read_manifest, write_manifest
+from asr.train.corpora import CorpusError, prepare_librispeech
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/driver.py
+from driver import recipe_arguments, run_experiment
 
 HERE = Path(__file__).resolve().parent
 

@@ -10,7 +10,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from asr.recipe import recipe_arguments, run_experiment
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/driver.py
+from driver import recipe_arguments, run_experiment
 
 HERE = Path(__file__).resolve().parent
 

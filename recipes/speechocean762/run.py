@@ -9,8 +9,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from asr.corpora import prepare_kaldi
-from asr.recipe import recipe_arguments, run_experiment
+from asr.train.corpora import prepare_kaldi
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/driver.py
+from driver import recipe_arguments, run_experiment
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs every text-to-speech engine that asr/synthesis.py can use (idempotent: safe to run again).
+# Installs every text-to-speech engine that asr/tts/engines.py can use (idempotent: safe to run again).
 #
 #   apt (Debian/Ubuntu): espeak-ng, flite, mbrola + its English voices (used through espeak-ng and
 #                        festival), festival + its English voices, pico2wave (libttspico-utils);
@@ -9,7 +9,7 @@
 #                        reproducible piper noise) into the Python environment of $PYTHON (default python3).
 #
 # MBROLA_ACCENTS=1 also installs the 16 foreign mbrola voices that espeak-ng speaks English with (German,
-# French, Dutch, Swedish, ... accents; about 200 MB more); asr.synthesis finds them like the others.
+# French, Dutch, Swedish, ... accents; about 200 MB more); asr.tts.engines finds them like the others.
 #
 # Needs root or sudo for apt. Usage: PYTHON=/path/to/venv/bin/python recipes/synthetic/install.sh
 set -euo pipefail
@@ -89,6 +89,6 @@ fi
 
 "$PYTHON" - <<'EOF' 2>/dev/null || log "(asr not importable with $PYTHON: voice count skipped)"
 from collections import Counter
-from asr.synthesis import available_voices
+from asr.tts.engines import available_voices
 print("synthetic/install: voices per engine:", dict(Counter(v.engine for v in available_voices())))
 EOF

@@ -13,11 +13,9 @@ import json
 import os
 from pathlib import Path
 
-from tqdm import tqdm
-
 from asr.augment import AugmentOptions
 from asr.config import ConfigError, from_dict
-from asr.tts_corpus import DEFAULT_AUGMENT, make_tts_corpus
+from asr.tts.corpus import DEFAULT_AUGMENT, make_tts_corpus
 
 TEXT = Path(__file__).resolve().parents[2].parent / "shared/data/text"
 DEFAULT_TEXT = [TEXT / "tatoeba_eng/sentences.txt.gz", TEXT / "tts_transcripts/sentences.txt.gz"]
@@ -49,8 +47,7 @@ def main() -> None:
     manifests = make_tts_corpus(args.out, args.text, args.train_sentences, args.dev_sentences,
                                 args.voices_per_sentence, args.dev_voice_fraction, args.engines, args.max_words,
                                 augment if augment.active else None, args.sample_rate, args.seed, args.workers,
-                                lambda desc: lambda it, total: tqdm(it, total=total, desc=desc,
-                                                                    disable=args.no_progress))
+                                progress=not args.no_progress)
     for split, manifest in manifests.items():
         lines = manifest.read_text().splitlines()
         hours = sum(json.loads(line)["duration"] for line in lines) / 3600

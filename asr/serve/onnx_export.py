@@ -12,6 +12,8 @@ item's own length, so in both directions padding comes after the valid frames an
 them: every item of a padded batch gets the log-probabilities torch gives it alone (or packed) on its
 valid frames, and batches still run whole. (The TorchScript exporter can turn packed sequences into
 ONNX GRU sequence lengths, as fast, but through an undocumented path it warns lacks shape inference.)
+A unidirectional model's GRUs run as they are: their padding already comes after the valid frames, and
+the lookahead convolution zeroes it before reading ahead.
 """
 
 from __future__ import annotations
@@ -19,15 +21,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import MODEL_WEIGHTS, CheckpointError, load_model_files
-from .model import BiGRULayer, DeepSpeech2
+from ..checkpoint import MODEL_WEIGHTS, CheckpointError, load_model_files
+from ..files import replaced_atomically
+from ..model import DeepSpeech2, GRULayer
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +67,9 @@ def reverse_within(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 class TwoWayGRU(nn.Module):
-    """A BiGRULayer as two one-way GRUs (same weights) that export without packed sequences."""
+    """A bidirectional GRULayer as two one-way GRUs (same weights) that export without packed sequences."""
 
-    def __init__(self, layer: BiGRULayer):
+    def __init__(self, layer: GRULayer):
         super().__init__()
         gru = layer.gru
         self.norm = layer.norm
@@ -85,13 +87,25 @@ class TwoWayGRU(nn.Module):
         return forward + reverse_within(backward, lengths)
 
 
+class OneWayGRU(nn.Module):
+    """A unidirectional GRULayer without packed sequences (its output on padding frames is not zeroed)."""
+
+    def __init__(self, layer: GRULayer):
+        super().__init__()
+        self.norm, self.gru = layer.norm, layer.gru
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.gru(self.norm(x))[0]
+
+
 class ExportableNetwork(nn.Module):
     """DeepSpeech2 after its features: (features (batch, mels, frames), frames) -> (log-probs, frames')."""
 
     def __init__(self, model: DeepSpeech2):
         super().__init__()
         self.conv = model.conv
-        self.rnns = nn.ModuleList(TwoWayGRU(layer) for layer in model.rnns)
+        self.rnns = nn.ModuleList((TwoWayGRU if layer.gru.bidirectional else OneWayGRU)(layer) for layer in model.rnns)
+        self.lookahead = model.lookahead
         self.head = model.head
         self.eval()
 
@@ -99,7 +113,7 @@ class ExportableNetwork(nn.Module):
         x, lengths = self.conv(feats.transpose(1, 2), frames)
         for rnn in self.rnns:
             x = rnn(x, lengths)
-        return self.head(x).float().log_softmax(-1), lengths
+        return self.head(self.lookahead(x, lengths)).float().log_softmax(-1), lengths
 
 
 def noise_batch(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,14 +137,10 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
     model_dir = Path(model_dir)
     model, _, _ = load_model_files(model_dir, "cpu")
     out = Path(out) if out is not None else model_dir / ONNX_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
     hop = model.config.features.hop_length
     with torch.no_grad():
         example = model.features(*noise_batch([60 * hop, 37 * hop + 37], seed=0))
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with replaced_atomically(out) as (tmp,):
         with warnings.catch_warnings():  # the TorchScript exporter's deprecation and GRU batch-size notes
             warnings.simplefilter("ignore")
             torch.onnx.export(ExportableNetwork(model), example, str(tmp), dynamo=False, opset_version=OPSET,
@@ -144,12 +154,6 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
         difference = max_difference(model, OnnxNetwork(tmp), *check)
         if not difference <= tolerance:
             raise RuntimeError(f"{out}: exported graph differs from torch by {difference:.2e} (> {tolerance})")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes private files; a model file is ordinary
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -32,16 +32,18 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 from xml.sax.saxutils import escape
 
 import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
+from tqdm import tqdm
 
-from .data import Utterance, write_manifest
-from .errors import ASRError
+from ..errors import ASRError
+from ..files import replaced_atomically
+from ..manifest import Utterance, write_manifest
 
 ENGINES = ("espeak-ng", "flite", "mbrola", "festival", "pico", "piper")
 ESPEAK_ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-gb-x-rp", "en-029")
@@ -330,27 +332,21 @@ def synthesize(job: SynthesisJob, out_dir: Path, sample_rate: int = 16_000) -> U
         if rate != sample_rate:
             wave = AF.resample(torch.from_numpy(wave), rate, sample_rate).numpy()
         wave = wave / max(1e-4, float(np.abs(wave).max())) * 0.5
-        tmp_path = path.with_suffix(".tmp.flac")
-        sf.write(tmp_path, wave, sample_rate)
-        os.replace(tmp_path, path)  # a killed run never leaves a half-written file under the real name
+        with replaced_atomically(path) as (tmp_path,):  # a killed run leaves no half-written file under the name
+            sf.write(tmp_path, wave, sample_rate, format="FLAC")
     duration = sf.info(path).duration
     return Utterance(str(path), duration, job.text, job.key)
 
 
 def build_corpus(jobs: Sequence[SynthesisJob], out_dir: str | os.PathLike, manifest: str | os.PathLike,
-                 sample_rate: int = 16_000, workers: int | None = None,
-                 progress: Callable | None = None) -> list[Utterance]:
-    """Synthesise every job into out_dir (in parallel, skipping files already there) and write the manifest.
-
-    `progress`, e.g. tqdm, wraps the stream of finished jobs (called with it and total=).
-    """
+                 sample_rate: int = 16_000, workers: int | None = None, progress: bool = True,
+                 description: str = "synthesising") -> list[Utterance]:
+    """Synthesise every job into out_dir (in parallel, skipping files already there) and write the manifest."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(workers) as pool:  # the engines are separate processes: threads suffice
         results = pool.map(lambda j: synthesize(j, out, sample_rate), jobs)
-        if progress is not None:
-            results = progress(results, total=len(jobs))
-        utterances = list(results)
+        utterances = list(tqdm(results, total=len(jobs), desc=description, disable=not progress))
     write_manifest(utterances, manifest)
     return utterances

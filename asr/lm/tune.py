@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -10,15 +9,15 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from tqdm import tqdm
 
-from .audio import load_audio
-from .checkpoint import DECODER_FILE, LM_DIR
-from .data import read_manifest
-from .files import write_dir_atomically, write_text_atomically
-from .metrics import error_rates
-from .transcribe import ASRModel
+from ..audio import SAMPLE_RATE, load_audio
+from ..checkpoint import DECODER_FILE, LM_DIR
+from ..files import write_dir_atomically, write_text_atomically
+from ..manifest import read_manifest
+from ..metrics import error_rates
+from ..serve.transcribe import ASRModel
+from ..speech_activity import speech_frames
 
 DEFAULT_LM_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 DEFAULT_WORD_SCORES = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
@@ -32,29 +31,28 @@ def tune_beam(model: ASRModel, manifest: str | os.PathLike, lm_weights: Sequence
         raise ValueError("tuning needs a model loaded with a language model (load_model(path, lm=...))")
     utts = read_manifest(manifest)
     refs = [u.text for u in utts]
-    posteriors = []
+    heard = []  # (log-probs, duration, speech frames) of each utterance: the network runs once
     for i in tqdm(range(0, len(utts), 64), desc="posteriors", disable=not progress, leave=False):
-        posteriors += model.posteriors([load_audio(u.audio_filepath) for u in utts[i: i + 64]])
-    greedy = [model.decode(lp, 0.0).text for lp in posteriors]
-    greedy_wer = error_rates(refs, greedy).wer
+        waves = [load_audio(u.audio_filepath) for u in utts[i: i + 64]]
+        heard += [(lp, len(w) / SAMPLE_RATE, speech_frames(w)) for w, lp in zip(waves, model.posteriors(waves))]
+    greedy_wer = error_rates(refs, [model.decode(lp, d, speech=s, decoder="greedy").text for lp, d, s in heard]).wer
     grid = []
     best = None
     for alpha in tqdm(lm_weights, desc="alpha", disable=not progress, leave=False):
         for beta in word_scores:
-            opts = dataclasses.replace(model.beam_options, lm_weight=alpha, word_score=beta, beam_size=beam_size,
-                                       lexicon=True, hotwords=[])
-            decoder = model.beam_decoder(opts)
+            opts = dict(decoder="beam", lm_weight=alpha, word_score=beta, beam_size=beam_size, lexicon=True,
+                        hotwords=[])
             start = time.perf_counter()
-            hyps = [decoder.decode(lp[None], torch.tensor([len(lp)]), model.frame_seconds)[0].text for lp in posteriors]
+            hyps = [model.decode(lp, d, speech=s, **opts).text for lp, d, s in heard]
             rates = error_rates(refs, hyps)
             row = {"lm_weight": alpha, "word_score": beta, "wer": round(rates.wer, 5), "cer": round(rates.cer, 5),
                    "decode_seconds": round(time.perf_counter() - start, 2)}
             grid.append(row)
             if best is None or row["wer"] < best[0]["wer"]:
-                best = (row, opts)
+                best = (row, model.options(**opts)[1])
     assert best is not None
     return {"manifest": str(manifest), "utterances": len(utts), "greedy_wer": round(greedy_wer, 5),
-            "beam_wer": best[0]["wer"], "beam": dataclasses.asdict(best[1]), "grid": grid}
+            "beam_wer": best[0]["wer"], "beam": best[1].beam_settings(), "grid": grid}
 
 
 def store_decoder(model_dir: str | os.PathLike, lm_dir: str | os.PathLike, tuned: dict) -> None:

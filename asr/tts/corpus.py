@@ -16,17 +16,19 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import soundfile as sf
 import torch
+from tqdm import tqdm
 
-from .audio import SAMPLE_RATE, load_audio
-from .augment import Augmenter, AugmentOptions
-from .data import Utterance, write_manifest
-from .lm import open_text
-from .synthesis import SynthesisJob, Voice, available_voices, build_corpus, plan_jobs, require_engines
-from .text import normalize_text
+from ..audio import SAMPLE_RATE, load_audio
+from ..augment import Augmenter, AugmentOptions
+from ..files import replaced_atomically, write_text_atomically
+from ..lm.language_model import open_text
+from ..manifest import Utterance, write_manifest
+from ..text import normalize_text
+from .engines import SynthesisJob, Voice, available_voices, build_corpus, plan_jobs, require_engines
 
 # what a synthetic corpus gets baked in: real rooms, microphones, phone lines and codecs are what it lacks
 DEFAULT_AUGMENT = AugmentOptions(noise_snr_db=[5.0, 30.0], noise_prob=0.3, babble_prob=0.15, reverb_prob=0.3,
@@ -122,7 +124,8 @@ def _generator(seed: int, key: str) -> torch.Generator:
 
 
 def augment_files(utterances: Sequence[Utterance], out_dir: str | os.PathLike, options: AugmentOptions,
-                  seed: int = 0, workers: int | None = None, progress: Callable | None = None) -> list[Utterance]:
+                  seed: int = 0, workers: int | None = None, progress: bool = True,
+                  description: str = "augmenting") -> list[Utterance]:
     """Write an augmented 16 kHz copy of every utterance to out_dir (skipping copies already there).
 
     Each file's draws come from a generator seeded by its key; babble is made of other utterances
@@ -135,36 +138,34 @@ def augment_files(utterances: Sequence[Utterance], out_dir: str | os.PathLike, o
         path = out / f"{utt.id}.flac"
         if not path.exists():
             g = _generator(seed, utt.id)
-            source = lambda: load_audio(utterances[int(torch.randint(len(utterances), (), generator=g))].audio_filepath)
+
+            def source() -> torch.Tensor:  # babble: another utterance of the list
+                return load_audio(utterances[int(torch.randint(len(utterances), (), generator=g))].audio_filepath)
+
             wave = Augmenter(options, SAMPLE_RATE, source)(load_audio(utt.audio_filepath), g)
-            tmp = path.with_suffix(".tmp.flac")
-            sf.write(tmp, wave.numpy(), SAMPLE_RATE)
-            os.replace(tmp, path)  # never a half-written file under the real name
+            with replaced_atomically(path) as (tmp,):  # never a half-written file under the real name
+                sf.write(tmp, wave.numpy(), SAMPLE_RATE, format="FLAC")
         return Utterance(str(path), sf.info(path).duration, utt.text, utt.id)
 
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        results = pool.map(one, utterances)
-        if progress is not None:
-            results = progress(results, total=len(utterances))
-        return list(results)
+        return list(tqdm(pool.map(one, utterances), total=len(utterances), desc=description, disable=not progress))
 
 
 def build_tts_corpus(plan: CorpusPlan, out_dir: str | os.PathLike, augment: AugmentOptions | None = DEFAULT_AUGMENT,
                      sample_rate: int = 16_000, seed: int = 0, workers: int | None = None,
-                     progress: Callable[[str], Callable] | None = None) -> dict[str, Path]:
+                     progress: bool = True) -> dict[str, Path]:
     """Synthesise (out/clean), augment (out/audio) and write out/train.jsonl and out/dev.jsonl.
 
-    `progress(description)` returns a tqdm-like wrapper. Manifest texts are normalised.
+    Manifest texts are normalised; `progress` shows tqdm bars.
     """
     out = Path(out_dir)
-    wrap = progress or (lambda desc: None)
     manifests = {}
     for split, jobs in (("train", plan.train), ("dev", plan.dev)):
         clean = build_corpus(jobs, out / "clean", out / f"{split}_clean.jsonl", sample_rate=sample_rate,
-                             workers=workers, progress=wrap(f"synthesising {split}"))
+                             workers=workers, progress=progress, description=f"synthesising {split}")
         clean = [Utterance(u.audio_filepath, u.duration, normalize_text(u.text), u.id) for u in clean]
         final = clean if augment is None or not augment.active else augment_files(
-            clean, out / "audio", augment, seed, workers, wrap(f"augmenting {split}"))
+            clean, out / "audio", augment, seed, workers, progress, f"augmenting {split}")
         manifests[split] = out / f"{split}.jsonl"
         write_manifest(final, manifests[split])
     return manifests
@@ -174,7 +175,7 @@ def make_tts_corpus(out_dir: str | os.PathLike, text: Sequence[str | os.PathLike
                     dev_sentences: int, voices_per_sentence: int = 1, dev_voice_fraction: float = 0.1,
                     engines: Sequence[str] | None = None, max_words: int = 20,
                     augment: AugmentOptions | None = DEFAULT_AUGMENT, sample_rate: int = 16_000, seed: int = 0,
-                    workers: int | None = None, progress: Callable[[str], Callable] | None = None) -> dict[str, Path]:
+                    workers: int | None = None, progress: bool = True) -> dict[str, Path]:
     """Sentences from `text` said by every installed voice (of `engines`): out/train.jsonl, out/dev.jsonl."""
     voices = available_voices(*([engines] if engines else []))
     require_engines(voices)
@@ -184,6 +185,6 @@ def make_tts_corpus(out_dir: str | os.PathLike, text: Sequence[str | os.PathLike
     print(f"{len(sentences)} usable sentences; {len(plan.train_voices)} train voices, {len(plan.dev_voices)} dev "
           f"voices ({', '.join(v.id for v in plan.dev_voices)}); {len(plan.train)} + {len(plan.dev)} files", flush=True)
     manifests = build_tts_corpus(plan, out_dir, augment, sample_rate, seed, workers, progress)
-    (Path(out_dir) / "voices.json").write_text(json.dumps(
+    write_text_atomically(Path(out_dir) / "voices.json", json.dumps(
         {"train": [v.id for v in plan.train_voices], "dev": [v.id for v in plan.dev_voices]}, indent=2))
     return manifests

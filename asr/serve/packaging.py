@@ -12,9 +12,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import DECODER_FILE, LM_DIR, MODEL_META, MODEL_WEIGHTS, CheckpointError, write_dir_atomically
+from ..checkpoint import DECODER_FILE, LM_DIR, MODEL_META, MODEL_WEIGHTS, CheckpointError
+from ..files import write_dir_atomically
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
 
 
 def default_model_dir() -> Path | None:
@@ -33,7 +34,8 @@ def ship_model(model_dir: str | os.PathLike, dest: str | os.PathLike = DEFAULT_M
         if not f.is_file():
             raise CheckpointError(f"{f}: not found (is {src} a model folder?)")
     lm_dir = Path(lm) if lm is not None else (src / LM_DIR if (src / LM_DIR).is_dir() else None)
-    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in load_file(src / MODEL_WEIGHTS).items()}
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous()
+             for k, v in load_file(src / MODEL_WEIGHTS).items()}
 
     def write(tmp: Path) -> None:
         save_file(state, str(tmp / MODEL_WEIGHTS), metadata={"format": "pt", "dtype": "float16"})

@@ -3,75 +3,56 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, overload
 
 import soundfile as sf
 import torch
 
-from .audio import SAMPLE_RATE, AudioInput, load_audio, to_mono_16k
-from .beam_search import BeamSearchDecoder, BeamSearchOptions
-from .checkpoint import DECODER_FILE, LM_DIR, CheckpointError, load_model_files
-from .decoding import Transcription, greedy_decode
-from .device import resolve_device
-from .errors import OptionsError
-from .files import recover_dir
-from .lm import LanguageModel
-from .model import DeepSpeech2
+from ..audio import SAMPLE_RATE, AudioInput, load_audio, pad_waves, to_mono_16k
+from ..checkpoint import DECODER_FILE, LM_DIR, CheckpointError, load_model_files
+from ..decoding import DECODING_FIELDS, Decoder, DecodingOptions, GreedyDecoder, Transcription, unknown_option
+from ..device import autocast, resolve_device
+from ..errors import OptionsError
+from ..files import recover_dir
+from ..lm.beam_search import BeamSearchDecoder
+from ..lm.language_model import LanguageModel
+from ..model import DeepSpeech2
+from ..speech_activity import SPEECH_HOP, keep_spoken_words, speech_frames
+from ..text import Vocabulary
 from .onnx_export import OnnxNetwork, load_onnx_network
 from .packaging import default_model_dir
-from .speech_activity import SPEECH_HOP, keep_spoken_words, speech_frames
-from .text import Vocabulary
+from .streaming import Streamer
 
 DEFAULT_MODEL_ENV = "ASR_MODEL"
 
 
 @dataclass
 class TranscribeOptions:
-    decoder: str = "greedy"  # "greedy" | "beam"
+    """How audio becomes posteriors: batching and the windows that long audio is cut into. How posteriors become
+    text is DecodingOptions (decoding.py); `transcribe(**options)` takes the fields of both."""
+
     batch_size: int = 16  # windows decoded together
     chunk_seconds: float = 30.0  # longer audio is cut into overlapping windows of this length
     overlap_seconds: float = 4.0  # half of the overlap is trusted from each side when stitching
-    # beam search: None takes the model's tuned value (decoder.json) or BeamSearchOptions' default
-    beam_size: int | None = None
-    lm_weight: float | None = None
-    word_score: float | None = None
-    lexicon: bool | None = None
-    hotwords: list[str] = field(default_factory=list)  # a string is one word or phrase
-    hotword_weight: float | None = None
     # drop words where the audio holds no speech-like sound (silence, hiss, white noise): see speech_activity.py
     speech_check: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.hotwords, str):
-            self.hotwords = [self.hotwords]
         problems = []
-        if self.decoder not in ("greedy", "beam"):
-            problems.append(f"decoder must be 'greedy' or 'beam', not {self.decoder!r}")
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             problems.append(f"batch_size must be a whole number >= 1, not {self.batch_size!r}")
         if not 0 <= self.overlap_seconds < self.chunk_seconds:
             problems.append(f"chunk_seconds ({self.chunk_seconds}) must be longer than overlap_seconds "
                             f"({self.overlap_seconds}), and overlap_seconds >= 0")
-        if self.beam_size is not None and self.beam_size < 1:
-            problems.append(f"beam_size must be at least 1, not {self.beam_size}")
         if problems:
             raise OptionsError("; ".join(problems))
 
-    @classmethod
-    def from_kwargs(cls, options: dict) -> "TranscribeOptions":
-        """Options from keyword arguments; an unknown name is an OptionsError that suggests the close ones."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        for name in options:
-            if name not in names:
-                close = difflib.get_close_matches(name, names, n=3)
-                hint = f" (did you mean {', '.join(close)}?)" if close else f"; known: {', '.join(names)}"
-                raise OptionsError(f"unknown transcribe option {name!r}{hint}")
-        return cls(**options)
+
+TRANSCRIBE_FIELDS = [f.name for f in dataclasses.fields(TranscribeOptions)]
 
 
 @dataclass
@@ -85,15 +66,17 @@ class ASRModel:
     """A trained recognizer: weights, vocabulary and settings, ready to transcribe."""
 
     def __init__(self, model: DeepSpeech2, vocab: Vocabulary, meta: dict | None = None,
-                 lm: LanguageModel | None = None, beam_options: BeamSearchOptions | None = None,
-                 onnx: OnnxNetwork | None = None):
+                 lm: LanguageModel | None = None, decoding: DecodingOptions | None = None,
+                 onnx: OnnxNetwork | None = None, autocast_dtype: torch.dtype | None = None):
         self.model = model.eval()
         self.onnx = onnx  # when set, onnxruntime runs the network after the (torch) features
+        self.autocast_dtype = autocast_dtype  # e.g. bf16 while training on a GPU; None: full precision
         self.vocab = vocab
         self.meta = meta or {}
         self.lm = lm
-        # the model's beam defaults: lexicon search when there is an LM, else any spelling
-        self.beam_options = beam_options or BeamSearchOptions(lexicon=lm is not None)
+        # the model's decoding defaults (decoder.json): greedy; beam search spells LM words when there is an LM
+        self.decoding = decoding or DecodingOptions(lexicon=lm is not None)
+        self._greedy = GreedyDecoder(vocab)
         self._beam_decoders: dict[str, BeamSearchDecoder] = {}
 
     @property
@@ -108,7 +91,9 @@ class ASRModel:
     def _network(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded 16 kHz waveforms -> CTC log-probabilities and frame counts, by the chosen backend."""
         if self.onnx is None:
-            return self.model(waves.to(self.device), lengths.to(self.device))
+            with autocast(self.device, self.autocast_dtype):
+                log_probs, frames = self.model(waves.to(self.device), lengths.to(self.device))
+            return log_probs.float(), frames
         return self.onnx(*self.model.features(waves, lengths))
 
     @property
@@ -140,11 +125,7 @@ class ASRModel:
         outputs: list[torch.Tensor] = [torch.empty(0)] * len(windows)
         for b in range(0, len(order), batch_size):
             idx = order[b: b + batch_size]
-            lengths = torch.tensor([len(windows[k].wave) for k in idx])
-            batch = torch.zeros(len(idx), int(lengths.max()))
-            for row, k in enumerate(idx):
-                batch[row, : lengths[row]] = windows[k].wave
-            log_probs, out_lengths = self._network(batch, lengths)
+            log_probs, out_lengths = self._network(*pad_waves([windows[k].wave for k in idx]))
             for row, k in enumerate(idx):
                 outputs[k] = log_probs[row, : out_lengths[row]].cpu()
         return outputs
@@ -216,10 +197,11 @@ class ASRModel:
         """Transcribe a path, an array/tensor of samples (give `sample_rate`), or a list of them.
 
         Returns a Transcription (text, words with start/end seconds and confidence, duration), or a list.
-        Options are the fields of TranscribeOptions (decoder, batch_size, chunk_seconds, ...). Files longer
-        than a window are read window by window, so memory does not grow with their length.
+        Options are the fields of TranscribeOptions (batch_size, chunk_seconds, ...) and of DecodingOptions
+        (decoder, beam_size, lm_weight, hotwords, ...; the rest are the model's own). Files longer than a
+        window are read window by window, so memory does not grow with their length.
         """
-        opts = TranscribeOptions.from_kwargs(options)
+        opts, decoding = self.options(**options)
         single = not isinstance(audio, (list, tuple))
         items = [audio] if single else list(audio)
         results: list[Transcription | None] = [None] * len(items)
@@ -230,56 +212,58 @@ class ASRModel:
                 loaded.append((k, load_audio(item, sample_rate)))
             else:
                 log_probs, speech, duration = streamed
-                results[k] = self.decode(log_probs, duration, opts, speech=speech)
+                results[k] = self._decode(log_probs, duration, decoding, opts.speech_check, speech=speech)
         for (k, wave), log_probs in zip(loaded, self.posteriors([w for _, w in loaded], opts)):
-            results[k] = self.decode(log_probs, len(wave) / SAMPLE_RATE, opts, wave)
+            results[k] = self._decode(log_probs, len(wave) / SAMPLE_RATE, decoding, opts.speech_check, wave)
         return results[0] if single else results
 
-    @property
-    def decoders(self) -> tuple[str, ...]:
-        """The decoder names this model can use ("beam" searches with its LM when it has one)."""
-        return ("greedy", "beam")
+    def stream(self, sample_rate: int = SAMPLE_RATE, **options) -> Streamer:
+        """A Streamer for audio that arrives in chunks: `feed(samples)` and `finish()` return partial and final
+        text with word times (see streaming.py). Options: the fields of DecodingOptions and of StreamOptions
+        (endpoint_seconds, max_segment_seconds, speech_check). Needs a unidirectional model; runs torch."""
+        return Streamer(self, sample_rate, **options)
 
-    def beam_search_options(self, options: TranscribeOptions) -> BeamSearchOptions:
-        """The model's beam settings with the call's overrides."""
-        given = {f.name: getattr(options, f.name) for f in dataclasses.fields(BeamSearchOptions)
-                 if hasattr(options, f.name) and getattr(options, f.name) not in (None, [])}
-        return dataclasses.replace(self.beam_options, **given)
+    def options(self, **given) -> tuple[TranscribeOptions, DecodingOptions]:
+        """TranscribeOptions from the given fields, and this model's DecodingOptions with the given fields
+        replaced; an unknown name is an OptionsError that suggests the close ones."""
+        for name in given:
+            if name not in TRANSCRIBE_FIELDS and name not in DECODING_FIELDS:
+                raise unknown_option(name, TRANSCRIBE_FIELDS + DECODING_FIELDS, "transcribe")
+        return (TranscribeOptions(**{k: v for k, v in given.items() if k in TRANSCRIBE_FIELDS}),
+                dataclasses.replace(self.decoding, **{k: v for k, v in given.items() if k in DECODING_FIELDS}))
 
-    def beam_decoder(self, options: BeamSearchOptions) -> BeamSearchDecoder:
-        """A (cached) beam search decoder for these settings."""
-        key = json.dumps(dataclasses.asdict(options), sort_keys=True, default=str)
+    def decoder(self, options: DecodingOptions | None = None) -> Decoder:
+        """The decoder for these options (default: the model's): greedy, or a (cached) beam search."""
+        opts = options or self.decoding
+        if opts.decoder == "greedy":
+            return self._greedy
+        key = json.dumps(opts.beam_settings(), sort_keys=True, default=str)
         if key not in self._beam_decoders:
             if len(self._beam_decoders) >= 8:
                 self._beam_decoders.pop(next(iter(self._beam_decoders)))
-            self._beam_decoders[key] = BeamSearchDecoder(self.vocab, self.lm if options.lexicon else None, options)
+            self._beam_decoders[key] = BeamSearchDecoder(self.vocab, self.lm if opts.lexicon else None, opts)
         return self._beam_decoders[key]
 
-    def _check_decoder(self, name: str) -> None:
-        if name not in self.decoders:
-            raise OptionsError(f"unknown decoder {name!r}; available: {', '.join(map(repr, self.decoders))}")
-
-    def decode(self, log_probs: torch.Tensor, duration: float, options: TranscribeOptions | None = None,
-               wave: torch.Tensor | None = None, speech: torch.Tensor | None = None) -> Transcription:
+    def decode(self, log_probs: torch.Tensor, duration: float, wave: torch.Tensor | None = None,
+               speech: torch.Tensor | None = None, **options) -> Transcription:
         """Text and words from one utterance's CTC log-probabilities (frames, vocab), as `posteriors` gives.
 
         With its 16 kHz `wave` (or its `speech_frames`), words where the audio has no speech-like sound are
-        dropped (`speech_check`).
+        dropped (`speech_check`). Options as for `transcribe`.
         """
-        opts = options or TranscribeOptions()
-        self._check_decoder(opts.decoder)
-        lengths = torch.tensor([len(log_probs)])
-        if opts.decoder == "beam":
-            decoder = self.beam_decoder(self.beam_search_options(opts))
-            result = decoder.decode(log_probs[None], lengths, self.frame_seconds)[0]
-        else:
-            result = greedy_decode(log_probs[None], lengths, self.vocab, self.frame_seconds)[0]
+        opts, decoding = self.options(**options)
+        return self._decode(log_probs, duration, decoding, opts.speech_check, wave, speech)
+
+    def _decode(self, log_probs: torch.Tensor, duration: float, decoding: DecodingOptions, speech_check: bool,
+                wave: torch.Tensor | None = None, speech: torch.Tensor | None = None) -> Transcription:
+        result = self.decoder(decoding).decode(log_probs[None], torch.tensor([len(log_probs)]),
+                                               self.frame_seconds)[0]
         result.duration = round(duration, 3)
         for w in result.words:
             w.end = min(w.end, result.duration)
-        if wave is not None and speech is None:
+        if speech_check and speech is None and wave is not None:
             speech = speech_frames(wave)
-        if speech is not None and opts.speech_check:
+        if speech_check and speech is not None:
             result = keep_spoken_words(result, speech)
         return result
 
@@ -320,10 +304,10 @@ def load_model(path: str | os.PathLike | None = None, device: str = "auto",
                               f"{path / LM_DIR} is missing: run `asr lm tune` again, pass the LM (lm=..., --lm), or "
                               f"delete {DECODER_FILE} to use the model without one")
     language_model = LanguageModel.load(lm) if lm is not None else None
-    beam = None
+    decoding = None
     if (path / DECODER_FILE).is_file() and language_model is not None:
         try:
-            beam = BeamSearchOptions(**json.loads((path / DECODER_FILE).read_text())["beam"])
-        except (ValueError, KeyError, TypeError) as e:
+            decoding = DecodingOptions(**json.loads((path / DECODER_FILE).read_text())["beam"])
+        except (ValueError, KeyError, TypeError) as e:  # OptionsError is a ValueError
             raise CheckpointError(f"{path / DECODER_FILE}: not valid decoder settings ({e})") from None
-    return ASRModel(model, vocab, meta, language_model, beam, onnx)
+    return ASRModel(model, vocab, meta, language_model, decoding, onnx)

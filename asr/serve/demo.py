@@ -1,30 +1,35 @@
-"""The Gradio web demo: record or upload audio, see the transcript, the words, the spectrogram and the posteriors.
+"""The Gradio web demo: record or upload audio, see the transcript, the words, the spectrogram and the posteriors;
+or speak into the microphone (the Live tab) and see the text as it is spoken, with its latency.
 
     asr demo --model exp/fsdd/best            # or: python demo/app.py --model ...
     asr demo --model exp/fsdd/best --model exp/libri/best   # offer two; the first is the default
 
-The page (and its API) offers only the --model folders. Binds to 127.0.0.1 unless --host says
+The Live tab needs a streaming (unidirectional) model; it says so for the others. The page (and its API) offers
+only the --model folders. Binds to 127.0.0.1 unless --host says
 otherwise; --share makes a public Gradio link.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
 
-from .audio import SAMPLE_RATE, AudioError, load_audio
-from .errors import ASRError
+from ..audio import SAMPLE_RATE, AudioError, load_audio
+from ..decoding import DECODERS
+from ..errors import ASRError
 from .packaging import default_model_dir
-from .transcribe import DEFAULT_MODEL_ENV, ASRModel, TranscribeOptions, load_model
+from .streaming import Streamer, StreamEvent
+from .transcribe import DEFAULT_MODEL_ENV, ASRModel, load_model
 
 WORD_COLUMNS = ["word", "start (s)", "end (s)", "confidence"]
 
@@ -35,6 +40,7 @@ class DemoLimits:
     max_upload_mb: float = 25.0  # bigger uploads are refused by the server
     silence_dbfs: float = -60.0  # audio whose RMS level is below this is called silent
     max_decoded_mb: float = 256.0  # audio whose samples (all channels, float32) take more is refused
+    live_sessions: int = 4  # microphone streams transcribed at once (the Live tab; others wait)
 
 
 class DemoError(ASRError, ValueError):
@@ -145,9 +151,8 @@ def analyze(model: ASRModel, audio_path: str | None, decoder: str, limits: DemoL
     wave = checked_wave(audio_path, limits)
     duration = len(wave) / SAMPLE_RATE
     start = time.perf_counter()
-    opts = TranscribeOptions(decoder=decoder)
-    log_probs = model.posteriors([wave], opts)[0]
-    result = model.decode(log_probs, duration, opts, wave)
+    log_probs = model.posteriors([wave])[0]
+    result = model.decode(log_probs, duration, wave, decoder=decoder)
     seconds = time.perf_counter() - start
     words = [[w.word, w.start, w.end, w.confidence] for w in result.words]
     return Analysis(result.text, words, model.log_mel(wave).numpy(), log_probs.exp().T.numpy(),
@@ -191,6 +196,111 @@ def posteriorgram_figure(analysis: Analysis, frame_seconds: float):
     return fig
 
 
+LIVE_CHUNK_SECONDS = 0.25  # microphone audio the page sends at a time (the Live tab)
+
+
+@dataclass
+class LiveSession:
+    """One page's live transcription: the stream of its recording (begun by the first chunk), the text so far, and
+    the line shown under it (the last update's latency, or why there is no text)."""
+
+    streamer: Streamer | None = None
+    key: tuple[str, str, int] | None = None  # the stream's (model, decoder, sample rate)
+    finals: list[str] = field(default_factory=list)  # the finished segments
+    partial: str = ""  # the segment being spoken
+    info: str = ""
+    stopped: bool = False  # the recording ended: chunks still on their way are dropped
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def text(self) -> str:
+        """Each finished segment on a line of its own, then the one being spoken."""
+        return "\n".join(self.finals + ([self.partial] if self.partial else []))
+
+    def show(self, events: list[StreamEvent]) -> None:
+        for event in events:
+            if event.kind == "final":
+                self.finals += [event.text] if event.text else []
+                self.partial = ""
+            else:
+                self.partial = event.text
+
+    def finish(self) -> None:
+        """End the stream, if one is running: its last segment becomes final."""
+        if self.streamer is not None:
+            self.show(self.streamer.finish())
+            self.streamer = self.key = None
+
+
+def live_unavailable(model_path: str, problem: Exception) -> str:
+    return (f"Live transcription is not available with {model_path}: {problem}. "
+            f"The Upload tab transcribes with any model.")
+
+
+def live_status(models: ModelChoices, model_path: str) -> str:
+    """What the Live tab says before recording: ready, or why this model cannot stream."""
+    try:
+        models.get(model_path).stream(SAMPLE_RATE, decoder="greedy")
+    except ASRError as e:
+        return live_unavailable(model_path, e)
+    return "Ready: press Record and speak; the text appears as you talk."
+
+
+def live_start(session: LiveSession | None) -> LiveSession:
+    """A new recording: a new transcript. (A page's session is None until its first event.)"""
+    session = session or LiveSession()
+    with session.lock:
+        session.streamer = session.key = None
+        session.finals, session.partial, session.info, session.stopped = [], "", "Listening…", False
+    return session
+
+
+def live_stop(session: LiveSession | None) -> LiveSession:
+    """The recording stopped (or was cleared): what is still being spoken becomes final."""
+    session = session or LiveSession()
+    with session.lock:
+        session.finish()
+        session.stopped = True
+    return session
+
+
+def live_chunk(session: LiveSession | None, chunk: tuple[int, np.ndarray] | None, models: ModelChoices, model_path: str,
+               decoder: str, limits: DemoLimits) -> LiveSession:
+    """Feed one chunk of microphone audio, (sample rate, samples), to the session's stream; update its text and
+    the latency line: time from the chunk's arrival to its text, and how much of the audio heard the text covers
+    (the rest waits for the model's lookahead). A model that cannot stream is said in that line."""
+    arrived = time.perf_counter()
+    session = session or LiveSession()
+    with session.lock:
+        if chunk is None or session.stopped:
+            return session
+        rate, samples = chunk
+        key = (model_path, decoder, int(rate))
+        if session.key != key:  # another model or decoder chosen (or rate): the next segment uses it
+            session.finish()
+        try:
+            if session.streamer is None:
+                session.streamer = models.get(model_path).stream(int(rate), decoder=decoder)
+                session.key = key
+            session.show(session.streamer.feed(samples))
+        except ASRError as e:
+            problem = live_unavailable(model_path, e) if session.streamer is None else f"Cannot use that audio: {e}"
+            session.info = problem
+            return session
+        streamer = session.streamer
+        heard = streamer.duration
+        covered = min(heard, streamer.frames * streamer.frame_seconds)
+        seconds = time.perf_counter() - arrived
+        session.info = (f"Latency of the last update: {seconds * 1000:.0f} ms from the chunk's arrival to its text "
+                        f"({len(samples) / rate:.2f} s chunk); the text covers {covered:.2f} s of the {heard:.2f} s "
+                        f"heard ({heard - covered:.2f} s behind).")
+        if heard >= limits.max_seconds:
+            session.finish()
+            session.stopped = True
+            session.info += f" Stopped at {limits.max_seconds:g} s, the longest this demo takes."
+    return session
+
+
 def build_app(models: ModelChoices, limits: DemoLimits | None = None):
     """The Gradio Blocks app over the offered `models`; its API endpoint is named "transcribe"."""
     import gradio as gr
@@ -207,7 +317,7 @@ def build_app(models: ModelChoices, limits: DemoLimits | None = None):
             model = models.get(model_path)
         except DemoError:
             return [("greedy", "greedy")]
-        return [("beam + LM" if d == "beam" and model.lm is not None else d, d) for d in model.decoders]
+        return [("beam + LM" if d == "beam" and model.lm is not None else d, d) for d in DECODERS]
 
     def run(audio_path, decoder, model_path):
         try:
@@ -227,24 +337,55 @@ def build_app(models: ModelChoices, limits: DemoLimits | None = None):
     with gr.Blocks(title="asr demo") as app:
         gr.Markdown("# Speech recognition demo\nRecord or upload audio; the model writes what it heard, "
                     "with word timings, the spectrogram and its frame-by-frame posteriors.")
-        with gr.Row():
-            with gr.Column():
-                audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="audio")
-                decoder = gr.Radio(decoder_choices(models.default), value="greedy", label="decoder")
-                # custom values pass the dropdown so that the API's "" (the default) and names not
-                # offered get this app's own answers (ModelChoices.get)
-                model_path = gr.Dropdown(models.paths, value=models.default, label="model",
-                                         allow_custom_value=True)
-                button = gr.Button("Transcribe", variant="primary")
-            with gr.Column():
-                text = gr.Textbox(label="transcript", elem_id="transcript", interactive=False)
-                words = gr.Dataframe(headers=WORD_COLUMNS, label="words", interactive=False)
-                timing = gr.Markdown(elem_id="timing")
-        spectrogram = gr.Plot(label="spectrogram")
-        posteriorgram = gr.Plot(label="posteriorgram")
+        with gr.Tab("Upload"):
+            with gr.Row():
+                with gr.Column():
+                    audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="audio")
+                    decoder = gr.Radio(decoder_choices(models.default), value="greedy", label="decoder")
+                    # custom values pass the dropdown so that the API's "" (the default) and names not
+                    # offered get this app's own answers (ModelChoices.get)
+                    model_path = gr.Dropdown(models.paths, value=models.default, label="model",
+                                             allow_custom_value=True)
+                    button = gr.Button("Transcribe", variant="primary")
+                with gr.Column():
+                    text = gr.Textbox(label="transcript", elem_id="transcript", interactive=False)
+                    words = gr.Dataframe(headers=WORD_COLUMNS, label="words", interactive=False)
+                    timing = gr.Markdown(elem_id="timing")
+            spectrogram = gr.Plot(label="spectrogram")
+            posteriorgram = gr.Plot(label="posteriorgram")
+        with gr.Tab("Live"):
+            gr.Markdown("Speak into the microphone: the text appears as you talk, a line for each finished phrase "
+                        "(the last line may still change). Needs a streaming (unidirectional) model.")
+            with gr.Row():
+                with gr.Column():
+                    live_audio = gr.Audio(sources=["microphone"], streaming=True, type="numpy", label="microphone",
+                                          elem_id="live-audio")
+                    live_decoder = gr.Radio(decoder_choices(models.default), value="greedy", label="decoder")
+                    live_model = gr.Dropdown(models.paths, value=models.default, label="model", elem_id="live-model")
+                with gr.Column():
+                    live_text = gr.Textbox(label="live transcript", elem_id="live-transcript", lines=4,
+                                           interactive=False)
+                    live_info = gr.Markdown(live_status(models, models.default), elem_id="live-info")
+            session = gr.State(None)  # a LiveSession from the page's first event on
         model_path.change(lambda p: gr.Radio(choices=decoder_choices(p), value="greedy"), model_path, decoder)
         button.click(run, [audio, decoder, model_path], [text, words, spectrogram, posteriorgram, timing],
                      api_name="transcribe")
+
+        shown = [session, live_text, live_info]
+        quick = {"show_progress": "hidden", "concurrency_limit": None, "api_visibility": "private"}
+
+        def show(s: LiveSession):
+            return s, s.text, s.info
+
+        live_model.change(lambda p: (gr.Radio(choices=decoder_choices(p), value="greedy"), live_status(models, p)),
+                          live_model, [live_decoder, live_info], **quick)
+        live_audio.start_recording(lambda s: show(live_start(s)), session, shown, **quick)
+        live_audio.stop_recording(lambda s: show(live_stop(s)), session, shown, **quick)
+        live_audio.clear(lambda s: show(live_stop(s)), session, shown, **quick)
+        live_audio.stream(lambda s, chunk, d, p: show(live_chunk(s, chunk, models, p, d, limits)),
+                          [session, live_audio, live_decoder, live_model], shown, stream_every=LIVE_CHUNK_SECONDS,
+                          time_limit=math.ceil(limits.max_seconds) + 30,  # a backstop: live_chunk stops at max_seconds
+                          concurrency_limit=limits.live_sessions, show_progress="hidden", api_visibility="private")
     return app
 
 
@@ -260,6 +401,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-seconds", type=float, default=DemoLimits.max_seconds, help="longest audio accepted")
     parser.add_argument("--max-upload-mb", type=float, default=DemoLimits.max_upload_mb, help="largest upload")
     parser.add_argument("--concurrency", type=int, default=1, help="requests transcribed at once (others queue)")
+    parser.add_argument("--live-sessions", type=int, default=DemoLimits.live_sessions,
+                        help="microphone streams transcribed at once in the Live tab (others wait)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     default = os.environ.get(DEFAULT_MODEL_ENV) or str(default_model_dir() or "")
@@ -268,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
         models.load_all()
     except DemoError as e:
         parser.exit(2, f"asr demo: error: {e}\n")
-    app = build_app(models, DemoLimits(args.max_seconds, args.max_upload_mb))
+    app = build_app(models, DemoLimits(args.max_seconds, args.max_upload_mb, live_sessions=args.live_sessions))
     app.queue(default_concurrency_limit=args.concurrency, max_size=256)
     app.launch(server_name=args.host, server_port=args.port, share=args.share,
                max_file_size=int(args.max_upload_mb * 2 ** 20), show_error=True)

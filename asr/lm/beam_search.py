@@ -18,15 +18,14 @@ import bisect
 import difflib
 import math
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .decoding import Transcription, words_from_emissions
-from .errors import OptionsError
-from .lm import LanguageModel
-from .text import BLANK, Vocabulary, normalize_text
+from ..decoding import DecodingOptions, Transcription, words_from_emissions
+from ..errors import OptionsError
+from ..text import BLANK, Vocabulary, normalize_text
+from .language_model import LanguageModel
 
 _BLANK, _SEP = "-", "|"  # flashlight's names for the CTC blank and the word separator
 NBEST = 4  # lexicon search: the best hypothesis whose tokens spell its words wins
@@ -35,26 +34,6 @@ PAUSE_SECONDS = 1.0  # a run of sure blanks this long inside the audio always en
 PIECE_SECONDS = 30.0  # longer pieces are cut at their longest run of sure blanks
 
 Emitted = tuple[str, int, float]  # a character, its frame and its posterior
-
-
-@dataclass
-class BeamSearchOptions:
-    beam_size: int = 50  # hypotheses kept per frame
-    beam_size_token: int | None = 3  # most likely tokens tried per frame (None: all)
-    beam_threshold: float = 10.0  # drop hypotheses this far (log) below the best
-    lm_weight: float = 0.5  # alpha: weight of the LM's log10-probability
-    word_score: float = 0.0  # beta: bonus per word (counters the LM's preference for few words)
-    unk_score: float = -math.inf  # score of words outside the lexicon (lexicon search)
-    lexicon: bool = True  # spell only known words (needs an LM); False: any spelling, no word LM
-    hotwords: list[str] = field(default_factory=list)  # words or phrases to favour at this call
-    hotword_weight: float = 8.0  # added to the LM log10-probability of each hot word (before alpha)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.hotwords, str):
-            self.hotwords = [self.hotwords]  # one phrase, not a list of its letters
-        if not isinstance(self.hotwords, (list, tuple)) or not all(isinstance(h, str) for h in self.hotwords):
-            raise OptionsError(f"hotwords must be a phrase or a list of phrases, got {self.hotwords!r}")
-        self.hotwords = list(self.hotwords)
 
 
 def _sure_blank_runs(log_probs: torch.Tensor, blank: int) -> list[tuple[int, int]]:
@@ -129,13 +108,14 @@ def _boosted_lm(kenlm, boosts: dict[int, float]):
 
 
 class BeamSearchDecoder:
-    """Batched CTC beam search for a vocabulary, an optional KenLM model and options."""
+    """Batched CTC beam search (a decoding.Decoder) for a vocabulary, an optional KenLM model and the beam fields of
+    DecodingOptions."""
 
-    def __init__(self, vocab: Vocabulary, lm: LanguageModel | None, options: BeamSearchOptions | None = None):
+    def __init__(self, vocab: Vocabulary, lm: LanguageModel | None, options: DecodingOptions | None = None):
         from torchaudio.models.decoder import ctc_decoder
 
         self.vocab = vocab
-        self.options = opts = options or BeamSearchOptions()
+        self.options = opts = options or DecodingOptions(decoder="beam")
         if opts.lexicon and lm is None:
             raise OptionsError("lexicon-constrained beam search needs a language model (or lexicon=False)")
         tokens = [_BLANK if t == BLANK else (_SEP if t == " " else t) for t in vocab.tokens]
@@ -192,11 +172,43 @@ class BeamSearchDecoder:
         Lexicon search takes the best hypothesis whose tokens spell its words, else the best one's words.
         """
         hyps = self._decoder(emissions[None], torch.tensor([len(emissions)], dtype=torch.int32))[0]
+        return self._best_emitted(hyps, emissions)
+
+    def _best_emitted(self, hyps: list, emissions: torch.Tensor) -> list[Emitted]:
+        """What _decode_piece returns, from flashlight's n-best hypotheses over a piece's emissions."""
         if not hyps:
             return []
         best = next((h for h in hyps if self._spells_its_words(h)), hyps[0]) if self._lexicon else hyps[0]
-        last = len(emissions) - 1  # the closing separator may sit one frame past the end
-        ids, frames = best.tokens.tolist(), [min(int(t), last) for t in best.timesteps.tolist()]
-        emitted = [(self.vocab.tokens[i], f, math.exp(float(emissions[f, i])))
-                   for i, f in zip(ids, frames) if i != self.vocab.blank]
+        emitted = self._emitted(best, emissions)
         return _spell_words(best.words, emitted) if self._lexicon else emitted
+
+    def _emitted(self, hyp, emissions: torch.Tensor) -> list[Emitted]:
+        """A hypothesis's non-blank tokens with their frames and posteriors."""
+        last = len(emissions) - 1  # the closing separator may sit one frame past the end
+        ids, frames = hyp.tokens.tolist(), [min(int(t), last) for t in hyp.timesteps.tolist()]
+        return [(self.vocab.tokens[i], f, math.exp(float(emissions[f, i])))
+                for i, f in zip(ids, frames) if i != self.vocab.blank]
+
+    # Incremental search of one piece at a time, for streaming (serve/streaming.py). Flashlight keeps the search
+    # in the decoder, so such a BeamSearchDecoder serves one stream and nothing else (not ASRModel.decoder's).
+
+    def begin_piece(self) -> None:
+        """Start searching a new piece; `step_piece` feeds it frames, `end_piece` finishes it."""
+        self._decoder.decode_begin()
+
+    def step_piece(self, emissions: torch.Tensor) -> None:
+        """Search on through the piece's next frames: emissions (frames, vocab)."""
+        if len(emissions):
+            self._decoder.decode_step(emissions.detach().float().cpu().contiguous())
+
+    def piece_so_far(self, emissions: torch.Tensor) -> list[Emitted]:
+        """The characters the best hypothesis at the last frame searched emits (its last word may be unfinished);
+        emissions: the piece's frames so far."""
+        # torchaudio's CTCDecoder does not offer flashlight's get_best_hypothesis; its decoder does
+        hyps = self._decoder._to_hypo([self._decoder.decoder.get_best_hypothesis()])
+        return self._emitted(hyps[0], emissions)
+
+    def end_piece(self, emissions: torch.Tensor) -> list[Emitted]:
+        """Finish the piece; what `_decode_piece` would give for its frames (emissions: all of them)."""
+        self._decoder.decode_end()
+        return self._best_emitted(self._decoder.get_final_hypothesis(), emissions)

@@ -6,9 +6,9 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .audio import AudioError, audio_duration
-from .data import Utterance, read_utf8, write_manifest
-from .errors import ASRError
+from ..audio import AudioError, audio_duration
+from ..errors import ASRError
+from ..manifest import Utterance, read_utf8, write_manifest
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 _FSDD_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)$")

@@ -5,22 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
-import torch
+from asr.config import load_config
+from asr.device import describe_machine, machine_line
+from asr.files import replaced_atomically
+from asr.lm.language_model import build_lm
+from asr.lm.tune import store_decoder, tune_beam
+from asr.serve.evaluate import evaluate_manifest
+from asr.serve.transcribe import load_model
+from asr.train.distributed import destroy
+from asr.train.trainer import Trainer
 
-from .config import load_config
-from .distributed import destroy
-from .evaluate import evaluate_manifest
-from .lm import build_lm
-from .train import Trainer
-from .transcribe import load_model
-from .tune import store_decoder, tune_beam
 
-
-def recipe_arguments(description: str, data_env: str, default_data: str, default_config: Path) -> argparse.ArgumentParser:
+def recipe_arguments(description: str, data_env: str, default_data: str, default_config: Path
+                     ) -> argparse.ArgumentParser:
     """The options every recipe takes: --data, --out, --config, --device and key=value overrides."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", default=os.environ.get(data_env, default_data),
@@ -41,12 +41,6 @@ def recipe_arguments(description: str, data_env: str, default_data: str, default
     return parser
 
 
-def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
-
-
 def run_experiment(args: argparse.Namespace, train: Path, dev: Path, tests: dict[str, Path], command: str) -> dict:
     """Train on `train` (selecting on `dev`), score the best model on each test set, write OUT/RESULTS.md."""
     out = Path(args.out)
@@ -63,33 +57,31 @@ def run_experiment(args: argparse.Namespace, train: Path, dev: Path, tests: dict
     model = load_model(result.best_dir, device=str(trainer.device))
     rows = {}
     for name, manifest in {"dev": dev, **tests}.items():
-        rows[name] = evaluate_manifest(model.model, model.vocab, manifest, out / "eval" / name,
-                                       progress=not args.no_progress)
+        rows[name] = evaluate_manifest(model, manifest, out / "eval" / name, progress=not args.no_progress)
     if args.beam:  # an LM from training text only; alpha/beta chosen on dev; every set scored again
         build_lm([train, *args.lm_text], out / "lm", order=args.lm_order, prune=args.lm_prune or [0] * args.lm_order,
                  weights=args.lm_text_weights)
         model = load_model(result.best_dir, device=str(trainer.device), lm=out / "lm")
         store_decoder(result.best_dir, out / "lm", tune_beam(model, dev, progress=not args.no_progress))
         model = load_model(result.best_dir, device=str(trainer.device))
-        beam = model.beam_decoder(model.beam_options)
         for name, manifest in {"dev": dev, **tests}.items():
-            rows[f"{name} (beam + LM)"] = evaluate_manifest(model.model, model.vocab, manifest,
-                                                            out / "eval" / f"{name}-beam", beam=beam,
-                                                            progress=not args.no_progress)
+            rows[f"{name} (beam + LM)"] = evaluate_manifest(model, manifest, out / "eval" / f"{name}-beam",
+                                                            progress=not args.no_progress, decoder="beam")
     results = {
         "command": command, "config": args.config, "overrides": args.overrides,
         "parameters": model.model.num_parameters(), "steps": result.steps,
         "train_minutes": round(train_minutes, 1), "total_minutes": round((time.perf_counter() - start) / 60, 1),
-        "machine": machine_description(trainer.device),
+        "machine": describe_machine(trainer.device),
         "results": {k: {m: v[m] for m in ("utterances", "wer", "cer", "real_time_factor")} for k, v in rows.items()},
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
     lines = [f"Command: `{command}`", "",
              f"{results['parameters'] / 1e6:.2f} M parameters, {result.steps} steps; {results['train_minutes']} min "
-             f"of training, {results['total_minutes']} min with scoring, on {results['machine']}.", "",
+             f"of training, {results['total_minutes']} min with scoring, on {machine_line(results['machine'])}.", "",
              "| set | utterances | WER | CER |", "|---|---|---|---|"]
     for name, r in results["results"].items():
         lines.append(f"| {name} | {r['utterances']} | {r['wer']:.2%} | {r['cer']:.2%} |")
-    (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    with replaced_atomically(out / "results.json", out / "RESULTS.md") as (json_file, table_file):  # together
+        json_file.write_text(json.dumps(results, indent=2), encoding="utf-8")
+        table_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     return results

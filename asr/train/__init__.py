@@ -1,0 +1,1 @@
+"""Training: corpora to manifests, the dataset and batch sampler, the trainer, several processes (DDP)."""

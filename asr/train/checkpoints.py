@@ -1,0 +1,94 @@
+"""Training checkpoints under OUT/checkpoints: step-NNNNNNNN folders, rotation, RNG state, resume checks, leftovers.
+
+A checkpoint is a model folder (asr.checkpoint.save_model) with `trainer.pt` added: optimiser, scheduler,
+position in the epoch, best dev WER and every rank's RNG state.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointError, architecture_differences, read_model_json
+from ..files import discard_dir, remove_leftovers
+from ..model import ModelConfig
+from ..text import Vocabulary
+
+CHECKPOINTS = "checkpoints"  # the folder under OUT
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    """The folder of the checkpoint written after optimiser step `step`."""
+    return root / f"step-{step:08d}"
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step a checkpoint folder was written at (from its name)."""
+    return int(_STEP_DIR.match(folder.name).group(1))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint folder of the highest step in `root`, or None."""
+    if not root.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return max(steps)[1] if steps else None
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the `keep` newest checkpoint folders."""
+    steps = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))
+    for old in steps[:-keep]:
+        discard_dir(old)  # renamed first: a kill never leaves a half-deleted step-* folder
+
+
+def discard_checkpoints(out: Path) -> None:
+    """Delete every checkpoint of the run in `out` (starting afresh)."""
+    if (out / CHECKPOINTS).is_dir():
+        discard_dir(out / CHECKPOINTS)  # a kill midway must not leave half a checkpoint
+
+
+def remove_kill_leftovers(out: Path, *names: str) -> list[Path]:
+    """Remove what kills left in `out` for `names` and the checkpoints: half-written folders and files,
+    swapped-out old copies (put back where the new one is missing). Returns what was removed."""
+    return remove_leftovers(out, *names, CHECKPOINTS) + remove_leftovers(out / CHECKPOINTS, "step-*")
+
+
+def check_resumable(checkpoint: Path, out: Path, config: ModelConfig, vocab: Vocabulary) -> None:
+    """Refuse, before anything is written, to resume from a checkpoint of another model or vocabulary."""
+    saved, saved_vocab, _ = read_model_json(checkpoint)
+    differ = [f"{k} {there!r} there, {now!r} now"
+              for k, (now, there) in sorted(architecture_differences(config, saved).items())]
+    if saved_vocab.tokens != vocab.tokens:
+        differ.append("the vocabulary")
+    if differ:
+        raise CheckpointError(f"{out}: cannot resume from {checkpoint.name}, model settings differ: "
+                              f"{'; '.join(differ)}. Train with the checkpoint's settings, or use --restart "
+                              "(discards that run) or another --out")
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random number generator states (torch, CUDA on `device`, Python)."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what `rng_state` returned (the CUDA state only on a CUDA device)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    random.setstate(state["python"])
+
+
+def saved_rng_states(trainer_state: dict) -> list[dict]:
+    """Every rank's RNG state in a checkpoint's trainer state, in rank order."""
+    if "rng" in trainer_state:
+        return trainer_state["rng"]
+    # written before distributed training: one process's state, under other keys
+    return [{"torch": trainer_state["torch_rng"], "cuda": None, "python": trainer_state["python_rng"]}]

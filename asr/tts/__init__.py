@@ -1,0 +1,1 @@
+"""Synthetic speech for training: text-to-speech engines and the augmented corpus made with them."""
