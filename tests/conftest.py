@@ -83,6 +83,15 @@ def chromium_path() -> str:
     return path
 
 
+def write_tone_files(folder: Path, seed: int = 100) -> dict[str, Path]:
+    """Each of TEXTS as tone speech in its own 16 kHz WAV file in `folder` (tones0.wav, ...), by text."""
+    files = {}
+    for i, text in enumerate(TEXTS):
+        files[text] = folder / f"tones{i}.wav"
+        sf.write(files[text], tone_speech(text, seed=seed + i), 16_000)
+    return files
+
+
 def manifest_text_with_absolute_paths(manifest: Path) -> str:
     """A tone-corpus manifest's lines with its audio paths made absolute (to combine or move manifests)."""
     return manifest.read_text().replace('"utt', f'"{manifest.parent}/utt')

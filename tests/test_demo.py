@@ -1,7 +1,5 @@
 """The web demo, served for real: driven in headless Chromium (Playwright) and through gradio_client."""
 
-import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -9,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from .conftest import TEXTS, require_system_tools, served_demo, tone_speech
+from .conftest import TEXTS, chromium_path, served_demo, tone_speech, write_tone_files
 
 gradio_client = pytest.importorskip("gradio_client", reason="the demo tests need the dev extra (gradio_client)")
 
@@ -29,10 +27,7 @@ def demo_url(trained_tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def audio_files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("demo-audio")
-    files = {}
-    for i, text in enumerate(TEXTS):
-        files[text] = folder / f"tones{i}.wav"
-        sf.write(files[text], tone_speech(text, seed=100 + i), 16_000)
+    files = write_tone_files(folder)
     (folder / "notes.wav").write_text("this is text, not audio\n")
     sf.write(folder / "empty.wav", np.zeros(0, dtype=np.float32), 16_000)
     sf.write(folder / "silent.wav", np.zeros(16_000, dtype=np.float32), 16_000)
@@ -82,16 +77,10 @@ def test_a_model_folder_not_offered_is_refused(demo_url, audio_files, tmp_path):
         _transcribe(client, audio_files["cab"], str(tmp_path / "nowhere"))
 
 
-def _chromium() -> str:
-    path = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
-    require_system_tools([] if path else ["chromium"])
-    return path
-
-
 @pytest.mark.slow
 def test_browser_upload_shows_transcript_words_and_plots(demo_url, audio_files, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (dev extra)")
-    chromium = _chromium()
+    chromium = chromium_path()
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True)
         page = browser.new_page(viewport={"width": 1280, "height": 1300})

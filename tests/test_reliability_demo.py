@@ -20,7 +20,7 @@ import asr.serve.demo
 from asr.serve.demo import DemoError, DemoLimits, analyze
 from asr.serve.transcribe import load_model
 
-from .conftest import TEXTS, served_demo, tone_speech
+from .conftest import TEXTS, served_demo, write_tone_files
 
 gradio_client = pytest.importorskip("gradio_client", reason="the demo tests need the dev extra (gradio_client)")
 
@@ -65,10 +65,7 @@ def demo_url(models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def audio(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("demo-reliability-audio")
-    files = {}
-    for i, text in enumerate(TEXTS):
-        files[text] = folder / f"tones{i}.wav"
-        sf.write(files[text], tone_speech(text, seed=100 + i), 16_000)
+    files = write_tone_files(folder)
     files["long"] = _write_near_silent_flac(folder / "long.flac", 30 * 60)
     files["random"] = folder / "random.flac"
     files["random"].write_bytes(np.random.default_rng(0).bytes(50_000))
