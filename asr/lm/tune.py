@@ -35,21 +35,22 @@ def tune_beam(model: ASRModel, manifest: str | os.PathLike, lm_weights: Sequence
     for i in tqdm(range(0, len(utts), 64), desc="posteriors", disable=not progress, leave=False):
         waves = [load_audio(u.audio_filepath) for u in utts[i: i + 64]]
         heard += [(lp, len(w) / SAMPLE_RATE, speech_frames(w)) for w, lp in zip(waves, model.posteriors(waves))]
-    greedy_wer = error_rates(refs, [model.decode(lp, d, speech=s, decoder="greedy").text for lp, d, s in heard]).wer
+    greedy = model.options(decoder="greedy")[1]
+    greedy_wer = error_rates(refs, [model.decode_with(lp, d, greedy, speech=s).text for lp, d, s in heard]).wer
     grid = []
     best = None
     for alpha in tqdm(lm_weights, desc="alpha", disable=not progress, leave=False):
         for beta in word_scores:
-            opts = dict(decoder="beam", lm_weight=alpha, word_score=beta, beam_size=beam_size, lexicon=True,
-                        hotwords=[])
+            decoding = model.options(decoder="beam", lm_weight=alpha, word_score=beta, beam_size=beam_size,
+                                     lexicon=True, hotwords=[])[1]
             start = time.perf_counter()
-            hyps = [model.decode(lp, d, speech=s, **opts).text for lp, d, s in heard]
+            hyps = [model.decode_with(lp, d, decoding, speech=s).text for lp, d, s in heard]
             rates = error_rates(refs, hyps)
             row = {"lm_weight": alpha, "word_score": beta, "wer": round(rates.wer, 5), "cer": round(rates.cer, 5),
                    "decode_seconds": round(time.perf_counter() - start, 2)}
             grid.append(row)
             if best is None or row["wer"] < best[0]["wer"]:
-                best = (row, model.options(**opts)[1])
+                best = (row, decoding)
     assert best is not None
     return {"manifest": str(manifest), "utterances": len(utts), "greedy_wer": round(greedy_wer, 5),
             "beam_wer": best[0]["wer"], "beam": best[1].beam_settings(), "grid": grid}

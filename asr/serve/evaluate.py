@@ -32,7 +32,7 @@ def evaluate_utterances(model: ASRModel, utterances: list[Utterance], progress: 
                         ) -> tuple[list[Transcription], float]:
     """Transcripts of the utterances, in their order, with `options` as for `model.transcribe`; and their CTC
     loss (summed over each utterance's frames, mean over utterances). An unreadable file is an AudioError."""
-    opts, _ = model.options(**options)  # checked once, before any audio is read
+    opts, decoding = model.options(**options)  # resolved once, before any audio is read
     order = sorted(range(len(utterances)), key=lambda i: utterances[i].duration)
     results: list[Transcription | None] = [None] * len(utterances)
     total_loss = 0.0
@@ -46,7 +46,7 @@ def evaluate_utterances(model: ASRModel, utterances: list[Utterance], progress: 
                 total_loss += torch.nn.functional.ctc_loss(
                     log_probs, targets, torch.tensor([len(log_probs)]), torch.tensor([len(targets)]),
                     blank=model.vocab.blank, reduction="sum", zero_infinity=True).item()
-                results[i] = model.decode(log_probs, len(wave) / SAMPLE_RATE, wave, **options)
+                results[i] = model.decode_with(log_probs, len(wave) / SAMPLE_RATE, decoding, opts.speech_check, wave)
             bar.update(len(group))
     return results, total_loss / max(1, len(utterances))  # type: ignore[return-value]
 

@@ -212,9 +212,9 @@ class ASRModel:
                 loaded.append((k, load_audio(item, sample_rate)))
             else:
                 log_probs, speech, duration = streamed
-                results[k] = self._decode(log_probs, duration, decoding, opts.speech_check, speech=speech)
+                results[k] = self.decode_with(log_probs, duration, decoding, opts.speech_check, speech=speech)
         for (k, wave), log_probs in zip(loaded, self.posteriors([w for _, w in loaded], opts)):
-            results[k] = self._decode(log_probs, len(wave) / SAMPLE_RATE, decoding, opts.speech_check, wave)
+            results[k] = self.decode_with(log_probs, len(wave) / SAMPLE_RATE, decoding, opts.speech_check, wave)
         return results[0] if single else results
 
     def stream(self, sample_rate: int = SAMPLE_RATE, **options) -> Streamer:
@@ -252,10 +252,12 @@ class ASRModel:
         dropped (`speech_check`). Options as for `transcribe`.
         """
         opts, decoding = self.options(**options)
-        return self._decode(log_probs, duration, decoding, opts.speech_check, wave, speech)
+        return self.decode_with(log_probs, duration, decoding, opts.speech_check, wave, speech)
 
-    def _decode(self, log_probs: torch.Tensor, duration: float, decoding: DecodingOptions, speech_check: bool,
-                wave: torch.Tensor | None = None, speech: torch.Tensor | None = None) -> Transcription:
+    def decode_with(self, log_probs: torch.Tensor, duration: float, decoding: DecodingOptions,
+                    speech_check: bool = True, wave: torch.Tensor | None = None,
+                    speech: torch.Tensor | None = None) -> Transcription:
+        """`decode` with options already resolved by `options` (for loops over many utterances)."""
         result = self.decoder(decoding).decode(log_probs[None], torch.tensor([len(log_probs)]),
                                                self.frame_seconds)[0]
         result.duration = round(duration, 3)
