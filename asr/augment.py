@@ -1,5 +1,5 @@
 """Waveform augmentation: speed, coloured noise, babble, room reverberation, microphone colouring,
-telephone channel and lossy re-encoding.
+telephone channel, lossy re-encoding, level and leading silence.
 
 Used on the fly by the training Dataset (random draws from torch's RNG, which is seeded per loader
 worker and restored on resume) and baked into synthetic corpora (a `torch.Generator` seeded per file,
@@ -38,12 +38,19 @@ class AugmentOptions:
     eq_gain_db: float = 10.0  # each filter's gain is drawn from [-eq_gain_db, eq_gain_db]
     telephone_prob: float = 0.0  # 8 kHz, 300-3400 Hz band, 8-bit mu-law
     codec_prob: float = 0.0  # re-encoded as Opus, Vorbis or MP3 at a random compression level
+    gain_db: list[float] = field(default_factory=list)  # [min, max]: the recording's level, last (e.g. [-30, 6])
+    # [min, max] ms of silence before the speech, first: a stream does not start where the speech does (FSDD
+    # clips do: a one-way model trained on them alone learns to spell a word at the first frames, heard or not)
+    lead_silence_ms: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for name in ("noise_snr_db", "noise_exponent", "babble_talkers", "babble_snr_db", "reverb_rt60"):
+        for name in ("noise_snr_db", "noise_exponent", "babble_talkers", "babble_snr_db", "reverb_rt60", "gain_db",
+                     "lead_silence_ms"):
             value = getattr(self, name)
             if value and (len(value) != 2 or value[0] > value[1]):
                 raise ValueError(f"{name} is a [min, max] range, got {value}")
+        if self.lead_silence_ms and not 0 <= self.lead_silence_ms[0] <= self.lead_silence_ms[1] <= 60_000:
+            raise ValueError(f"lead_silence_ms is a [min, max] range within 0 and 60000, got {self.lead_silence_ms}")
         if len(self.noise_exponent) != 2:
             raise ValueError("noise_exponent is a [min, max] range (-2 brown ... 0 white ... 1 blue)")
         for name in ("noise_prob", "babble_prob", "reverb_prob", "eq_prob", "telephone_prob", "codec_prob"):
@@ -53,7 +60,8 @@ class AugmentOptions:
     @property
     def active(self) -> bool:
         return bool(self.speed_perturb or (self.noise_snr_db and self.noise_prob) or self.babble_prob
-                    or self.reverb_prob or self.eq_prob or self.telephone_prob or self.codec_prob)
+                    or self.reverb_prob or self.eq_prob or self.telephone_prob or self.codec_prob or self.gain_db
+                    or self.lead_silence_ms)
 
 
 def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
@@ -141,7 +149,8 @@ def reencode(wave: torch.Tensor, sample_rate: int, codec: tuple[str, str], compr
 
 
 class Augmenter:
-    """Applies AugmentOptions to a waveform: speed, colouring, reverb, telephone, codec, then noise and babble.
+    """Applies AugmentOptions to a waveform: leading silence, speed, colouring, reverb, telephone, codec, then
+    noise, babble, gain.
 
     `babble_source()` returns one random other utterance (16 kHz waveform) when babble is wanted.
     Without a generator the draws come from torch's global RNG.
@@ -162,6 +171,8 @@ class Augmenter:
         def uniform(low: float, high: float) -> float:
             return _uniform(low, high, generator)
 
+        if o.lead_silence_ms:
+            wave = torch.cat([wave.new_zeros(round(uniform(*o.lead_silence_ms) * sr / 1000)), wave])
         if o.speed_perturb:
             factor = o.speed_perturb[int(torch.randint(len(o.speed_perturb), (), generator=generator))]
             if factor != 1.0:  # resampling to rate/factor then playing at rate speeds up by factor
@@ -182,5 +193,7 @@ class Augmenter:
             count = int(torch.randint(o.babble_talkers[0], o.babble_talkers[1] + 1, (), generator=generator))
             wave = mix_at_snr(wave, babble([self.babble_source() for _ in range(count)], len(wave)),
                               uniform(*o.babble_snr_db))
+        if o.gain_db:
+            wave = AF.gain(wave, uniform(*o.gain_db))
         peak = float(wave.abs().max()) if len(wave) else 0.0
         return wave / peak * 0.99 if peak > 1.0 else wave

@@ -102,11 +102,14 @@ def _decoding_options(args: argparse.Namespace) -> dict:
 
 
 def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `transcribe` and `evaluate`: device, backend, windows and decoding."""
+    """The options of `transcribe` and `evaluate`: device, backend, precision, windows and decoding."""
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", choices=["auto", "onnx", "torch"],
                    help="what runs the network (default: $ASR_BACKEND or auto: onnxruntime on the CPU when the "
                         "model folder has model.onnx, else torch)")
+    p.add_argument("--precision", choices=["auto", "int8", "fp32"],
+                   help="the network's weights (default: $ASR_PRECISION or auto: dynamic int8 where torch runs it on "
+                        "the CPU, else fp32)")
     p.add_argument("--chunk-seconds", type=float, default=30.0, help="window length for long audio")
     p.add_argument("--decoder", choices=list(DECODERS), help="greedy (default) or beam")
     p.add_argument("--lm", help="language model folder (asr lm build); default: the model folder's lm/")
@@ -125,7 +128,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .serve.evaluate import evaluate_manifest
     from .serve.transcribe import load_model
 
-    model = load_model(args.model, device=args.device, lm=args.lm, backend=args.backend)
+    model = load_model(args.model, device=args.device, lm=args.lm, backend=args.backend, precision=args.precision)
     summary = evaluate_manifest(model, args.manifest, args.out, progress=not args.no_progress,
                                 chunk_seconds=args.chunk_seconds, **_decoding_options(args))
     print(json.dumps(summary, indent=2))
@@ -171,7 +174,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_transcribe(args: argparse.Namespace) -> None:
     from .serve.transcribe import load_model
 
-    model = load_model(args.model, device=args.device, lm=args.lm, backend=args.backend)
+    model = load_model(args.model, device=args.device, lm=args.lm, backend=args.backend, precision=args.precision)
     if args.stream:
         return _transcribe_stream(model, args)
     if args.rate is not None or args.realtime:

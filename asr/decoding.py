@@ -82,6 +82,12 @@ class Transcription:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def end_words_by(self, seconds: float) -> None:
+        """Move word times past `seconds` (the audio's end) to it: a one-way model may spell the last word out
+        in its end silence."""
+        for w in self.words:
+            w.start, w.end = min(w.start, seconds), min(w.end, seconds)
+
 
 def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, vocab: Vocabulary,
                   frame_seconds: float, time_offset: float = 0.0) -> list[Transcription]:

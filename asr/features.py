@@ -5,14 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import torchaudio.functional as AF
 import torchaudio.transforms as T
 from torch import nn
 
 from .audio import SAMPLE_RATE
 
-NORMALIZATIONS = ("per_utterance", "per_utterance_level", "global", "none")
-CAUSAL_NORMALIZATIONS = ("global", "none")  # each frame normalised without the frames after it
+NORMALIZATIONS = ("per_utterance", "per_utterance_level", "global", "running_level", "none")
+CAUSAL_NORMALIZATIONS = ("running_level", "global", "none")  # each frame normalised without the frames after it
+GLOBAL_STATISTICS = ("global", "running_level")  # normalisations that use the training set's mean and std
 
 
 def check_number(key: str, value: object, low: float, high: float, integer: bool = False,
@@ -40,8 +42,12 @@ class FeatureConfig:
     # "per_utterance": each mel band to zero mean, unit variance over the utterance (removes channel
     # colouring, but on very short utterances also much of the vowel's own spectrum);
     # "per_utterance_level": one mean and variance over all bands and frames (removes only gain);
-    # "global": training-set statistics per band; "none"
+    # "global": training-set statistics per band; "running_level": "global" after removing the difference
+    # between the level so far (the mean log-mel of the last level_window_ms, level_prior_ms of it at the
+    # training set's level) and the training set's level: a causal per_utterance_level; "none"
     normalization: str = "per_utterance"
+    level_window_ms: float = 3000.0
+    level_prior_ms: float = 200.0
     # SpecAugment (torchaudio masking), active in training mode only
     freq_masks: int = 2
     freq_mask_width: int = 27
@@ -70,6 +76,8 @@ class FeatureConfig:
         check_number("freq_mask_width", self.freq_mask_width, 0, 512, integer=True)
         check_number("time_mask_width", self.time_mask_width, 0, 100_000, integer=True)
         check_number("time_mask_max_ratio", self.time_mask_max_ratio, 0, 1)
+        check_number("level_window_ms", self.level_window_ms, 0, 3_600_000, above_low=True)
+        check_number("level_prior_ms", self.level_prior_ms, 0, 3_600_000)
 
     @property
     def hop_length(self) -> int:
@@ -78,6 +86,24 @@ class FeatureConfig:
     @property
     def win_length(self) -> int:
         return int(round(SAMPLE_RATE * self.win_ms / 1000))
+
+    @property
+    def level_window_frames(self) -> int:
+        return max(1, round(self.level_window_ms / self.hop_ms))
+
+
+def running_level(levels: torch.Tensor, window: int, prior_frames: float, prior: torch.Tensor,
+                  history: torch.Tensor | None = None) -> torch.Tensor:
+    """Each frame's level so far: the mean of the frame levels (batch, frames) over the last `window` frames
+    (its own included) and `prior_frames` frames at level `prior` in front. `history` (batch, < window): the
+    levels of the frames just before (a stream's), as if they led `levels` in one sequence."""
+    before = 0 if history is None else history.shape[1]
+    seq = levels if history is None else torch.cat([history, levels], 1)
+    sums = F.pad(seq.double().cumsum(1), (1, 0))  # sums[:, t]: the first t frames (float64: exact enough for hours)
+    end = torch.arange(before + 1, seq.shape[1] + 1, device=levels.device)
+    start = (end - window).clamp_min(0)
+    counts = (end - start).double()
+    return ((sums[:, end] - sums[:, start] + prior_frames * prior.double()) / (counts + prior_frames)).to(levels.dtype)
 
 
 def _lengths_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -90,7 +116,7 @@ class LogMel(nn.Module):
 
     def __init__(self, config: FeatureConfig):
         super().__init__()
-        if config.normalization not in ("per_utterance", "per_utterance_level", "global", "none"):
+        if config.normalization not in NORMALIZATIONS:
             raise ValueError(f"unknown feature normalization {config.normalization!r}")
         if config.win_length > config.n_fft:
             raise ValueError(f"win_ms={config.win_ms} gives a window longer than n_fft={config.n_fft}")
@@ -99,7 +125,7 @@ class LogMel(nn.Module):
                                     win_length=config.win_length, hop_length=config.hop_length,
                                     n_mels=config.n_mels, f_min=config.f_min, f_max=config.f_max,
                                     center=True, power=2.0)
-        # Global statistics (used when normalization == "global"); set by the recipe's stats pass.
+        # Global statistics (used when normalization is in GLOBAL_STATISTICS); set when training starts.
         self.register_buffer("mean", torch.zeros(config.n_mels))
         self.register_buffer("std", torch.ones(config.n_mels))
 
@@ -127,9 +153,21 @@ class LogMel(nn.Module):
             mean = feats.sum(dims, keepdim=True) / count
             var = ((feats - mean) ** 2).masked_fill(~mask, 0.0).sum(dims, keepdim=True) / count
             feats = (feats - mean) / (var.sqrt() + 1e-5)
-        elif self.config.normalization == "global":
-            feats = (feats - self.mean[None, :, None]) / self.std[None, :, None]
+        elif self.config.normalization in GLOBAL_STATISTICS:
+            feats = self.normalize_globally(feats)
         return feats.masked_fill(~mask, 0.0), frames
+
+    def normalize_globally(self, feats: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-mel (batch, mels, frames) normalised with the global statistics (running_level: level-corrected
+        too; `history` as running_level's)."""
+        if self.config.normalization == "running_level":
+            feats = feats - self.level_shift(feats.mean(1), history)[:, None, :]
+        return (feats - self.mean[None, :, None]) / self.std[None, :, None]
+
+    def level_shift(self, levels: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+        """running_level's correction of each frame (batch, frames): its level so far minus the training set's."""
+        cfg, prior = self.config, self.mean.mean()
+        return running_level(levels, cfg.level_window_frames, cfg.level_prior_ms / cfg.hop_ms, prior, history) - prior
 
     @torch.no_grad()
     def set_global_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:

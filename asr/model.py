@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from .audio import SAMPLE_RATE
 from .features import CAUSAL_NORMALIZATIONS, FeatureConfig, LogMel, SpecAugment, _lengths_mask, check_number
 
 MAX_PARAMETERS = 1_000_000_000  # 4 GB of fp32 weights; Deep Speech 2 itself has about 60 M
 MAX_LOOKAHEAD = 16  # output frames
+MAX_END_SILENCE_MS = 5000
 
 
 @dataclass
@@ -36,6 +38,10 @@ class ModelConfig:
     # frames; the conv front then looks at most `lookahead_frames` output frames ahead as well
     bidirectional: bool = True
     lookahead_frames: int = 0
+    # silence (zero samples) appended to every input, in training and at inference alike: a one-way model then
+    # hears an utterance's last word out before its input ends, instead of having to spell it while still
+    # hearing it (CTC lets it emit late, but only into frames that exist)
+    end_silence_ms: float = 0.0
 
     def __post_init__(self) -> None:
         """Check every value (a model.json or a configuration may hold anything); errors name the key."""
@@ -69,6 +75,7 @@ class ModelConfig:
         if not isinstance(self.bidirectional, bool):
             raise ValueError(f"bidirectional: must be true or false, got {self.bidirectional!r}")
         check_number("lookahead_frames", self.lookahead_frames, 0, MAX_LOOKAHEAD, integer=True)
+        check_number("end_silence_ms", self.end_silence_ms, 0, MAX_END_SILENCE_MS)
         if self.bidirectional and self.lookahead_frames:
             raise ValueError(f"lookahead_frames: only a unidirectional model (bidirectional: false) has a lookahead "
                              f"convolution (a bidirectional one sees the whole utterance), got {self.lookahead_frames}")
@@ -102,6 +109,11 @@ class ModelConfig:
         for s in self.conv_strides:
             stride *= s[0]
         return stride
+
+    @property
+    def end_silence_samples(self) -> int:
+        """end_silence_ms in 16 kHz samples."""
+        return round(self.end_silence_ms * SAMPLE_RATE / 1000)
 
     @property
     def frame_seconds(self) -> float:
@@ -262,16 +274,46 @@ class DeepSpeech2(nn.Module):
         self.lookahead = Lookahead(config.gru_hidden, config.lookahead_frames)
         self.head = nn.Sequential(nn.LayerNorm(config.gru_hidden), nn.Linear(config.gru_hidden, config.vocab_size))
 
+    def load_forward_direction(self, source: DeepSpeech2) -> None:
+        """Start this one-way model from a bidirectional one of the same sizes: its conv front, norms and head, and
+        its GRUs' forward direction (the lookahead stays as it is: new, the identity). The feature statistics
+        are left alone: the two may normalise differently."""
+        if self.config.bidirectional or not source.config.bidirectional:
+            raise ValueError("load_forward_direction: from a bidirectional model into a unidirectional one")
+        state = {k: v for k, v in source.state_dict().items()
+                 if not k.endswith("_reverse") and k not in ("features.mean", "features.std")}
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith(("lookahead.", "features.")) for k in missing):
+            raise ValueError(f"load_forward_direction: the models' sizes differ (missing {missing}, "
+                             f"unexpected {unexpected})")
+
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """The network's size, from its configuration: int8-quantized layers (quantize_int8) hold their weights
+        outside `parameters()`, and count too."""
+        return self.config._parameter_count()
 
     def output_lengths(self, sample_lengths: torch.Tensor) -> torch.Tensor:
         """Number of output frames for waveforms of the given sample counts."""
-        return self.conv.output_lengths(self.features.frame_lengths(sample_lengths))
+        end_silence = self.config.end_silence_samples
+        return self.conv.output_lengths(self.features.frame_lengths(sample_lengths + end_silence))
+
+    def append_end_silence(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The padded batch with config.end_silence_ms of zeros after each waveform's end, whatever the padding held."""
+        end_silence = self.config.end_silence_samples
+        if not end_silence:
+            return waves, lengths
+        waves = F.pad(waves, (0, end_silence))
+        past_end = torch.arange(waves.shape[1], device=waves.device)[None, :] >= lengths.to(waves.device)[:, None]
+        return waves.masked_fill(past_end, 0.0), lengths + end_silence
+
+    def input_features(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the network reads: the normalised log-mel (batch, mels, frames) of the waveforms with their end
+        silence, and frame counts (the ONNX graph starts from these)."""
+        return self.features(*self.append_end_silence(waves, lengths))
 
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """waves: (batch, samples) float, lengths: (batch,) -> log-probs (batch, frames, vocab), frames."""
-        feats, frames = self.features(waves, lengths)
+        feats, frames = self.input_features(waves, lengths)
         feats = self.spec_augment(feats, frames)
         x, out_lengths = self.conv(feats.transpose(1, 2), frames)
         for rnn in self.rnns:

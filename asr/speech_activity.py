@@ -49,16 +49,19 @@ def speech_frames(wave: torch.Tensor, options: SpeechActivityOptions | None = No
     return torch.cat(active)
 
 
-def keep_spoken_words(result: Transcription, speech: torch.Tensor,
-                      options: SpeechActivityOptions | None = None) -> Transcription:
-    """Drop the words whose span (with a margin) holds less than `min_speech_seconds` of speech-like frames."""
+def keep_spoken_words(result: Transcription, speech: torch.Tensor, options: SpeechActivityOptions | None = None,
+                      lookback_seconds: float = 0.0) -> Transcription:
+    """Drop the words whose span (with a margin) holds less than `min_speech_seconds` of speech-like frames.
+
+    `lookback_seconds` reaches each span further back: how late after its sound the model may spell a word (a
+    one-way model's end silence, ModelConfig.end_silence_ms)."""
     opts = options or SpeechActivityOptions()
     cumulative = torch.cat([torch.zeros(1, dtype=torch.long), speech.long().cumsum(0)])
     hop_seconds = SPEECH_HOP / SAMPLE_RATE
     needed = max(1, round(opts.min_speech_seconds / hop_seconds))
 
     def spoken(start: float, end: float) -> bool:
-        first = max(0, int((start - opts.word_margin_seconds) / hop_seconds))
+        first = max(0, int((start - opts.word_margin_seconds - lookback_seconds) / hop_seconds))
         last = min(len(speech), int((end + opts.word_margin_seconds) / hop_seconds) + 1)
         return last > first and int(cumulative[last] - cumulative[first]) >= needed
 

@@ -133,7 +133,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     refs = [u.text for u in utts]
     threads = args.threads
     torch.set_num_threads(threads)
-    model = asr.load_model(args.model, device="cpu", backend="torch")
+    model = asr.load_model(args.model, device="cpu", backend="torch", precision="fp32")
     machine = describe_machine()
     results = {"command": " ".join(["python", *sys.argv]), "machine": machine,
                "load_average_start": machine["load_average"]}

@@ -2,9 +2,10 @@
 
     python bench/quantization.py [--model DIR] [--manifest M] [--skip 300] [--limit 300] [--threads 1]
 
-Transcribes the manifest's utterances one at a time (greedy) with the model as loaded (fp32, the torch
-backend), then with torch's `quantize_dynamic` applied to its nn.GRU and nn.Linear layers, then fp32 again
-(the machine's speed drifts: the baseline is the mean of the two fp32 passes). Prints WER and time of each.
+Transcribes the manifest's utterances one at a time (greedy) with the model loaded as users get it, torch
+backend: `asr.load_model(..., precision="fp32")`, then `precision="int8"` (the CPU default: dynamic int8
+GRU and linear layers), then fp32 again (the machine's speed drifts: the baseline is the mean of the two
+fp32 passes). Prints WER and time of each.
 By default it skips the first 300 speechocean762 dev utterances (those tune the shipped LM weights).
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -45,15 +45,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     utts = read_manifest(args.manifest)[args.skip: args.skip + args.limit]
     waves, refs = [load_audio(u.audio_filepath) for u in utts], [u.text for u in utts]
-    model = asr.load_model(args.model, device="cpu", backend="torch")
-    fp32 = model.model
-    first = timed_wer(model, waves, refs)
-    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
-        warnings.simplefilter("ignore")
-        model.model = torch.ao.quantization.quantize_dynamic(fp32, {torch.nn.GRU, torch.nn.Linear}, dtype=torch.qint8)
-    int8 = timed_wer(model, waves, refs)
-    model.model = fp32
-    again = timed_wer(model, waves, refs)
+    fp32_model, int8_model = (asr.load_model(args.model, device="cpu", backend="torch", precision=precision)
+                              for precision in ("fp32", "int8"))
+    first = timed_wer(fp32_model, waves, refs)
+    int8 = timed_wer(int8_model, waves, refs)
+    again = timed_wer(fp32_model, waves, refs)
     base = (first[0] + again[0]) / 2
     seconds = sum(len(w) for w in waves) / 16_000
     print(f"{len(utts)} utterances ({seconds:.0f} s); {machine_line(describe_machine())}")

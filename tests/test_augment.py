@@ -51,10 +51,35 @@ def test_coloured_noise_slopes(exponent, low_over_high):
 
 
 @pytest.mark.parametrize("bad", [dict(noise_snr_db=[10]), dict(reverb_rt60=[0.8, 0.2]), dict(codec_prob=1.5),
-                                 dict(babble_talkers=[1, 2, 3])])
+                                 dict(babble_talkers=[1, 2, 3]), dict(gain_db=[6, -30]), dict(gain_db=[-10]),
+                                 dict(lead_silence_ms=[-5, 100]), dict(lead_silence_ms=[300, 100])])
 def test_options_are_checked(bad):
     with pytest.raises(ValueError):
         AugmentOptions(**bad)
+
+
+def test_gain_sets_the_level_within_the_asked_range():
+    augment = Augmenter(AugmentOptions(gain_db=[-30, -10]), SR)
+    assert augment.options.active
+    wave = tone(300)
+    gains = [20 * math.log10(float(augment(wave, torch.Generator().manual_seed(s)).abs().max()) / 0.3)
+             for s in range(40)]
+    assert -30 <= min(gains) < -25 and -15 < max(gains) <= -10  # drawn over the whole range
+    loud = Augmenter(AugmentOptions(gain_db=[20, 20]), SR)(wave)
+    assert 0.98 < float(loud.abs().max()) <= 1.0  # too loud: scaled back under full scale, never clipped
+
+
+def test_lead_silence_comes_before_the_speech_within_the_asked_range():
+    augment = Augmenter(AugmentOptions(lead_silence_ms=[100, 500]), SR)
+    assert augment.options.active
+    wave = tone(300, 0.5)
+    leads = []
+    for s in range(30):
+        out = augment(wave, torch.Generator().manual_seed(s))
+        lead = len(out) - len(wave)
+        assert torch.equal(out[lead:], wave) and not out[:lead].any()
+        leads.append(lead / SR)
+    assert 0.1 <= min(leads) < 0.15 and 0.45 < max(leads) <= 0.5
 
 
 def test_reverb_tail_decays_at_the_asked_rate():

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -73,3 +75,26 @@ def test_utterance_normalisation_removes_gain(normalization, keeps_band_shape):
     assert torch.allclose(quiet, loud, atol=0.05)  # a gain change is a constant in the log domain
     band_means = loud[0].mean(-1)
     assert (band_means[:8].mean() - band_means[-8:].mean() > 1.0) == keeps_band_shape
+
+
+def test_running_level_removes_gain_as_its_estimate_fills_in():
+    """running_level: a gain is a constant c in the log domain; frame t keeps c * prior / (prior + frames so far)
+    of it (its level estimate starts at the training set's level), and frames never see later ones."""
+    from asr.features import FeatureConfig, LogMel
+
+    torch.manual_seed(0)
+    t = torch.arange(32000) / 16000
+    wave = (torch.sin(2 * torch.pi * 300 * t) + 0.01 * torch.randn(32000))[None]
+    cfg = FeatureConfig(n_mels=40, normalization="running_level", level_window_ms=1000.0, level_prior_ms=200.0)
+    feats = LogMel(cfg)
+    feats.set_global_stats(torch.full((40,), -4.0), torch.full((40,), 2.0))
+    lengths = torch.tensor([32000])
+    quiet, _ = feats(0.1 * wave, lengths)
+    loud, _ = feats(wave, lengths)
+    c = 2 * math.log(10) / 2.0  # 20 dB of power in natural log, over the global std
+    frames = torch.arange(1, loud.shape[-1] + 1).clamp_max(100).double()
+    left = (loud - quiet)[0].mean(0).double()  # the sine's harmonics dominate: log(mel + 1e-6) ~ log(mel)
+    assert torch.allclose(left[1:-2], (c * 20 / (20 + frames))[1:-2], atol=0.02)
+    assert float(left[-3]) < 0.25 * c  # a second in: most of the gain is gone
+    cut, _ = feats(wave[:, :16000], torch.tensor([16000]))
+    assert torch.allclose(cut[0, :, :95], loud[0, :, :95], atol=1e-5)  # causal (the last frames' windows differ)

@@ -11,6 +11,7 @@ import torch
 import asr
 from asr.audio import AudioError
 from asr.errors import OptionsError
+from asr.features import GLOBAL_STATISTICS
 from asr.model import DeepSpeech2, ModelConfig
 from asr.serve.streaming import PosteriorStream, StreamError
 
@@ -26,13 +27,15 @@ MODELS = [
     ([[11, 21], [11, 11]], [[2, 2], [1, 2]], 2, {}),
     ([[4, 5], [3, 3], [5, 3]], [[2, 2], [3, 1], [1, 1]], 1, {"normalization": "global", "win_ms": 20.0, "n_fft": 401}),
     ([[5, 11]], [[2, 2]], 0, {"hop_ms": 40.0, "win_ms": 8.0, "n_fft": 256}),  # a hop longer than the window
+    ([[11, 21], [11, 11]], [[2, 2], [1, 2]], 2,  # a level window that slides within the stream
+     {"normalization": "running_level", "level_window_ms": 370.0, "level_prior_ms": 50.0}),
 ]
 
 
 def random_model(case=MODELS[1]) -> DeepSpeech2:
     kernels, strides, lookahead, features = case
     model = one_way(kernels, strides, lookahead, **features)
-    if model.config.features.normalization == "global":
+    if model.config.features.normalization in GLOBAL_STATISTICS:
         model.features.set_global_stats(torch.linspace(-3, 1, 40), torch.linspace(1, 2, 40))
     return model
 
@@ -66,6 +69,18 @@ def test_streamed_posteriors_equal_the_offline_ones(case, chunk_ms):
     got = streamed(PosteriorStream(model), wave, [16 * chunk_ms])
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_ms", [10, 160, 1000])
+def test_the_end_silence_streams_as_offline(chunk_ms):
+    model = one_way([[11, 21], [11, 11]], [[2, 2], [1, 2]], 2, end_silence_ms=250)
+    wave = noise(20_011)
+    expected = offline(model, wave)
+    stream = PosteriorStream(model)
+    got = streamed(stream, wave, [16 * chunk_ms])
+    assert got.shape == expected.shape and len(got) == model.output_lengths(torch.tensor([20_011]))[0]
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert stream.samples == 20_011  # the silence is the model's, not the stream's audio
 
 
 def test_chunks_of_any_size_and_short_streams():
@@ -165,7 +180,7 @@ def same_words(got, expected) -> bool:
 
 @pytest.mark.parametrize("chunk_ms", [10, 160, 1000])
 def test_streamed_text_equals_offline_transcribe(streaming_model, chunk_ms):
-    model = asr.load_model(streaming_model, device="cpu", backend="torch")
+    model = asr.load_model(streaming_model, device="cpu", backend="torch", precision="fp32")
     for i, text in enumerate(TEXTS):
         wave = tone_speech(text, seed=i)
         expected = model.transcribe(wave, sample_rate=16_000)
@@ -181,7 +196,7 @@ def test_streamed_text_equals_offline_transcribe(streaming_model, chunk_ms):
 
 
 def test_int16_and_stereo_chunks(streaming_model):
-    model = asr.load_model(streaming_model, device="cpu", backend="torch")
+    model = asr.load_model(streaming_model, device="cpu", backend="torch", precision="fp32")
     wave = tone_speech(TEXTS[4], seed=4)
     pcm = np.round(wave * 32767).astype(np.int16)
     finals = [e for e in stream_events(model, np.stack([pcm, pcm], 1), 1000) if e.kind == "final"]
@@ -189,7 +204,7 @@ def test_int16_and_stereo_chunks(streaming_model):
 
 
 def test_beam_search_streams_as_offline(streaming_model):
-    model = asr.load_model(streaming_model, device="cpu", backend="torch")
+    model = asr.load_model(streaming_model, device="cpu", backend="torch", precision="fp32")
     for i, text in enumerate(TEXTS):
         wave = tone_speech(text, seed=i)
         expected = model.transcribe(wave, sample_rate=16_000, decoder="beam", lexicon=False)
@@ -200,7 +215,7 @@ def test_beam_search_streams_as_offline(streaming_model):
 
 
 def test_beam_search_with_the_lm_streams_as_offline(streaming_model, tone_lm_folder):
-    model = asr.load_model(streaming_model, device="cpu", backend="torch", lm=tone_lm_folder)
+    model = asr.load_model(streaming_model, device="cpu", backend="torch", precision="fp32", lm=tone_lm_folder)
     for i, text in enumerate(TEXTS):
         wave = tone_speech(text, seed=i)
         expected = model.transcribe(wave, sample_rate=16_000, decoder="beam", lm_weight=1.0)
@@ -211,7 +226,7 @@ def test_beam_search_with_the_lm_streams_as_offline(streaming_model, tone_lm_fol
 
 @pytest.mark.parametrize("decoder", ["greedy", "beam"])
 def test_a_pause_ends_a_segment(streaming_model, decoder):
-    model = asr.load_model(streaming_model, device="cpu", backend="torch")
+    model = asr.load_model(streaming_model, device="cpu", backend="torch", precision="fp32")
     options = {"decoder": decoder, "lexicon": False}
     for a, b in [(2, 1), (3, 5)]:
         first = tone_speech(TEXTS[a], seed=a)
@@ -228,7 +243,7 @@ def test_a_pause_ends_a_segment(streaming_model, decoder):
 
 
 def test_a_long_segment_ends_at_its_next_sure_blank(streaming_model):
-    model = asr.load_model(streaming_model, device="cpu", backend="torch")
+    model = asr.load_model(streaming_model, device="cpu", backend="torch", precision="fp32")
     wave = tone_speech("dig a hole", seed=4)
     finals = [e for e in stream_events(model, wave, 1600, max_segment_seconds=0.3) if e.kind == "final"]
     assert len(finals) >= 2 and all(a.end == b.start for a, b in zip(finals, finals[1:]))

@@ -27,12 +27,13 @@ CAUSAL_CASES = [
 ]
 
 
-def one_way(kernels, strides, lookahead: int, seed: int = 0, **features) -> DeepSpeech2:
+def one_way(kernels, strides, lookahead: int, seed: int = 0, end_silence_ms: float = 0.0, **features) -> DeepSpeech2:
     """A small random unidirectional model in eval mode, its lookahead weights random too (not the identity)."""
     torch.manual_seed(seed)
     features = FeatureConfig(**{"n_mels": 40, "normalization": "none", **features})
     cfg = ModelConfig(features, conv_channels=[6] * len(kernels), conv_kernels=kernels, conv_strides=strides,
-                      gru_layers=2, gru_hidden=24, dropout=0.0, bidirectional=False, lookahead_frames=lookahead)
+                      gru_layers=2, gru_hidden=24, dropout=0.0, bidirectional=False, lookahead_frames=lookahead,
+                      end_silence_ms=end_silence_ms)
     model = DeepSpeech2(cfg).eval()
     if lookahead:
         torch.nn.init.normal_(model.lookahead.conv.weight)
@@ -168,6 +169,22 @@ def test_padding_never_leaks_into_a_unidirectional_model():
             assert torch.allclose(batch[i, : frames[i]], alone[0], atol=1e-5)
 
 
+def test_end_silence_is_zeros_after_each_input_whatever_the_padding_held():
+    model = one_way([[11, 21], [11, 11]], [[2, 2], [1, 2]], 2, end_silence_ms=300)
+    plain = one_way([[11, 21], [11, 11]], [[2, 2], [1, 2]], 2)  # the same weights (seed), no end silence
+    assert model.config.end_silence_samples == 4800
+    waves, lengths = noise_batch([5_000, 16_000, 9_999], seed=3)
+    waves = waves + 0.5 * (torch.arange(waves.shape[1])[None] >= lengths[:, None])  # garbage past each end
+    with torch.no_grad():
+        got, frames = model(waves, lengths)
+        assert torch.equal(frames, model.output_lengths(lengths))
+        for i, n in enumerate(lengths.tolist()):
+            silence = torch.cat([waves[i, :n], torch.zeros(4800)])[None]
+            expected, expected_frames = plain(silence, torch.tensor([n + 4800]))
+            assert frames[i] == expected_frames[0] > plain.output_lengths(lengths[i: i + 1])[0]
+            assert torch.allclose(got[i, : frames[i]], expected[0], atol=1e-5)
+
+
 # ---------------------------------------------------------------- sizes and validation
 
 
@@ -178,7 +195,7 @@ def test_parameter_count_is_computed_right(bidirectional, lookahead, normalizati
                       conv_kernels=[[5, 11], [4, 5]], conv_strides=[[2, 2], [1, 3]], gru_layers=2, gru_hidden=20,
                       vocab_size=31, bidirectional=bidirectional, lookahead_frames=lookahead)
     model = DeepSpeech2(cfg)
-    assert cfg._parameter_count() == model.num_parameters()
+    assert cfg._parameter_count() == sum(p.numel() for p in model.parameters()) == model.num_parameters()
     assert sum(p.numel() for p in model.lookahead.parameters()) == (20 * (lookahead + 1) if lookahead else 0)
     assert model.rnns[0].gru.bidirectional == bidirectional
 
@@ -192,6 +209,7 @@ def test_parameter_count_is_computed_right(bidirectional, lookahead, normalizati
      r"model\.lookahead_frames: must be an integer >= 0 and <= 16, got 17"),
     (["model.lookahead_frames=-1"], r"model\.lookahead_frames: must be an integer"),
     (["model.bidirectional=maybe"], r"model\.bidirectional: expected bool"),
+    (["model.end_silence_ms=-10"], r"model\.end_silence_ms: must be .*>= 0 and <= 5000, got -10"),
 ])
 def test_bad_settings_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -222,7 +240,7 @@ def test_streaming_recipes_are_unidirectional_and_as_big_as_the_cpu_ones():
         streaming = load_config(recipes / corpus / "streaming.yaml").model
         cpu = load_config(recipes / corpus / "cpu.yaml").model
         assert not streaming.bidirectional and streaming.lookahead_frames > 0
-        assert streaming.features.normalization == "global"
+        assert streaming.features.normalization == "running_level" and streaming.end_silence_ms > 0
         assert (streaming.conv_channels, streaming.gru_layers, streaming.gru_hidden) == (
             cpu.conv_channels, cpu.gru_layers, cpu.gru_hidden)
 
@@ -233,7 +251,8 @@ def test_streaming_recipes_are_unidirectional_and_as_big_as_the_cpu_ones():
 def test_tiny_unidirectional_model_trains_and_transcribes(tone_corpus, tmp_path):
     config = load_config(None, TINY_OVERRIDES + [
         "model.bidirectional=false", "model.lookahead_frames=2", "model.features.normalization=global",
-        "train.epochs=3", "train.max_steps=4", "train.eval_every_steps=2"])
+        "model.end_silence_ms=200", "data.gain_db=[-20,0]", "train.epochs=3", "train.max_steps=4",
+        "train.eval_every_steps=2"])
     result = Trainer(config, tone_corpus, tone_corpus, tmp_path / "exp", progress=False).fit()
     losses = [float(r["loss"]) for r in csv.DictReader(open(tmp_path / "exp" / "train_log.csv"))]
     assert losses and all(loss == loss and loss < 1e4 for loss in losses)
@@ -243,6 +262,7 @@ def test_tiny_unidirectional_model_trains_and_transcribes(tone_corpus, tmp_path)
     audio = [tone_speech(t, seed=i) for i, t in enumerate(TEXTS[:3])]
     results = model.transcribe(audio, sample_rate=16_000)
     assert len(results) == 3 and all(isinstance(r.text, str) and r.duration > 0 for r in results)
+    assert all(w.end <= r.duration for r in results for w in r.words)  # none in the end silence
 
 
 def test_onnx_export_of_a_unidirectional_model_matches_torch(tmp_path):
@@ -250,7 +270,7 @@ def test_onnx_export_of_a_unidirectional_model_matches_torch(tmp_path):
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'asr[onnx]')")
     from asr.serve.onnx_export import ONNX_FILE, OnnxNetwork, export_onnx
 
-    model = one_way([[5, 11], [3, 5]], [[2, 2], [1, 2]], 2)
+    model = one_way([[5, 11], [3, 5]], [[2, 2], [1, 2]], 2, end_silence_ms=100)
     with torch.no_grad():
         model.head[1].weight.mul_(20)  # decisive greedy paths
     save_model(tmp_path / "m", model, asr.Vocabulary())
@@ -258,7 +278,7 @@ def test_onnx_export_of_a_unidirectional_model_matches_torch(tmp_path):
     model, _, _ = load_model_files(tmp_path / "m")
     waves, lengths = noise_batch([16_007, 4001, 23_456, 1601], seed=0)
     with torch.no_grad():
-        feats, frames = model.features(waves, lengths)
+        feats, frames = model.input_features(waves, lengths)
         got, got_frames = OnnxNetwork(tmp_path / "m" / ONNX_FILE)(feats, frames)
         assert torch.equal(got_frames, model.output_lengths(lengths))
         for i, n in enumerate(lengths.tolist()):
@@ -266,7 +286,7 @@ def test_onnx_export_of_a_unidirectional_model_matches_torch(tmp_path):
             assert torch.allclose(got[i, : len(alone)], alone, atol=1e-4), f"item {i}"
     audio = [tone_speech(t, seed=i) for i, t in enumerate(TEXTS)]
     onnx_model = asr.load_model(tmp_path / "m", device="cpu")
-    torch_model = asr.load_model(tmp_path / "m", device="cpu", backend="torch")
+    torch_model = asr.load_model(tmp_path / "m", device="cpu", backend="torch", precision="fp32")  # as onnx
     assert onnx_model.backend == "onnx"
     options = dict(sample_rate=16_000, batch_size=3)
     assert [r.text for r in onnx_model.transcribe(audio, **options)] == [

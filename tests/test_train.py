@@ -118,6 +118,28 @@ def test_init_from_starts_at_the_given_weights_and_refuses_another_architecture(
         Trainer(config, tone_corpus, tone_corpus, tmp_path / "bad", progress=False).fit()
 
 
+def test_a_one_way_model_starts_from_a_bidirectional_ones_forward_direction(trained_tiny_model, tone_corpus,
+                                                                           tmp_path):
+    from asr.checkpoint import CheckpointError
+
+    source = load_file(trained_tiny_model / "model.safetensors")
+    one_way = ["model.bidirectional=false", "model.lookahead_frames=2", "model.features.normalization=running_level",
+               "model.end_silence_ms=100"]
+    config = load_config(None, TINY_OVERRIDES + one_way + [f"train.init_from={trained_tiny_model}", "train.lr=0",
+                                                           "train.max_steps=1"])
+    result = Trainer(config, tone_corpus, tone_corpus, tmp_path / "ft", progress=False).fit()
+    tuned = load_file(result.best_dir / "model.safetensors")
+    statistics = ("num_batches_tracked", "running_mean", "running_var")
+    copied = [k for k in source if not k.endswith(statistics + ("_reverse",)) and not k.startswith("features.")]
+    assert "rnns.0.gru.weight_hh_l0" in copied and "rnns.0.gru.weight_hh_l0_reverse" not in tuned
+    assert all(torch.equal(source[k], tuned[k]) for k in copied)
+    assert tuned["features.mean"].abs().sum() > 0  # its own global statistics (the source had per-utterance ones)
+    config = load_config(None, TINY_OVERRIDES + one_way + [f"train.init_from={trained_tiny_model}",
+                                                           "model.gru_hidden=24"])
+    with pytest.raises(CheckpointError, match="gru_hidden"):
+        Trainer(config, tone_corpus, tone_corpus, tmp_path / "bad", progress=False).fit()
+
+
 def test_the_callers_config_is_left_unchanged(tone_corpus, tmp_path):
     config = load_config(None, TINY_OVERRIDES + ["model.vocab_size=40", "train.max_steps=1"])
     before = copy.deepcopy(config)

@@ -139,7 +139,7 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
     out = Path(out) if out is not None else model_dir / ONNX_FILE
     hop = model.config.features.hop_length
     with torch.no_grad():
-        example = model.features(*noise_batch([60 * hop, 37 * hop + 37], seed=0))
+        example = model.input_features(*noise_batch([60 * hop, 37 * hop + 37], seed=0))
     with replaced_atomically(out) as (tmp,):
         with warnings.catch_warnings():  # the TorchScript exporter's deprecation and GRU batch-size notes
             warnings.simplefilter("ignore")
@@ -162,7 +162,7 @@ def max_difference(model: DeepSpeech2, onnx_network: OnnxNetwork, waves: torch.T
     """Largest |torch - onnxruntime| log-probability over the valid frames of a padded batch of waveforms."""
     with torch.no_grad():
         expected, frames = model(waves, lengths)
-        got, got_frames = onnx_network(*model.features(waves, lengths))
+        got, got_frames = onnx_network(*model.input_features(waves, lengths))
     if not torch.equal(frames, got_frames):
         return float("inf")
     return max((expected[b, :n] - got[b, :n]).abs().max().item() for b, n in enumerate(frames.tolist()))

@@ -4,9 +4,11 @@ A unidirectional model (ModelConfig.bidirectional false) needs a bounded right c
 compute exactly what the offline pass computes. Every stage is a strided window over the stage before it
 (resampling, the STFT, each conv layer, the lookahead convolution): `_Windows` keeps what the next window
 still needs, the padding the offline pass adds at the start is added at the start and the one at the end at
-`finish`, and each GRU carries its hidden state. The posteriors of a 16 kHz stream equal those of
-`ASRModel.posteriors` over the whole audio (within float tolerance; for audio up to `chunk_seconds`, which
-the offline pass does not cut into windows). Other rates are resampled chunk by chunk with torchaudio's
+`finish` (with the model's end silence), each GRU carries its hidden state and running_level features
+their level history. The posteriors of a 16 kHz stream equal those of `ASRModel.posteriors` over the whole
+audio (within float tolerance for fp32 weights; int8 ones quantize each call's activations at its own scale,
+so there they agree within quantization noise; for audio up to `chunk_seconds`, which the offline pass does
+not cut into windows). Other rates are resampled chunk by chunk with torchaudio's
 filter, into the samples that `load_audio` makes of the whole audio.
 
 Decoding: greedy, or beam search (with the model's LM) through flashlight's incremental search. Once
@@ -30,7 +32,7 @@ from ..audio import SAMPLE_RATE, AudioError
 from ..decoding import DECODING_FIELDS, Transcription, Word, unknown_option, words_from_emissions
 from ..device import autocast
 from ..errors import ASRError, OptionsError
-from ..features import check_number
+from ..features import GLOBAL_STATISTICS, check_number
 from ..lm.beam_search import SURE_BLANK, BeamSearchDecoder
 from ..model import DeepSpeech2
 from ..speech_activity import SPEECH_HOP, SPEECH_WINDOW, keep_spoken_words, speech_frames
@@ -139,6 +141,7 @@ class _Features:
         self.pad = self.spec.n_fft // 2
         self.windows = _Windows(self.spec.n_fft, self.spec.hop_length, dim=0)
         self.held: torch.Tensor | None = torch.zeros(0, device=model.features.mean.device)  # until the padding
+        self.levels = torch.zeros(1, 0, device=model.features.mean.device)  # running_level's history
         self.received = self.produced = 0
 
     def __call__(self, samples: torch.Tensor, last: bool) -> torch.Tensor:
@@ -162,8 +165,11 @@ class _Features:
         spec = torch.stft(used, self.spec.n_fft, self.spec.hop_length, self.spec.win_length, self.spec.window,
                           center=False, return_complex=True).abs().pow(self.spec.power)[:, :count]
         feats = torch.log(self.logmel.mel.mel_scale(spec) + 1e-6)
-        if self.logmel.config.normalization == "global":
-            feats = (feats - self.logmel.mean[:, None]) / self.logmel.std[:, None]
+        if self.logmel.config.normalization in GLOBAL_STATISTICS:
+            levels = feats.mean(0)[None]
+            feats = self.logmel.normalize_globally(feats[None], self.levels)[0]
+            keep = self.logmel.config.level_window_frames - 1  # the frames a later frame's level still needs
+            self.levels = torch.cat([self.levels, levels], 1)[:, max(0, self.levels.shape[1] + count - keep):]
         self.produced += count
         return feats.T
 
@@ -201,12 +207,12 @@ class PosteriorStream:
         self.conv_shapes.append((in_ch, freq))
         self.hidden: list[torch.Tensor | None] = [None] * len(model.rnns)
         self.lookahead = _Windows(model.lookahead.frames + 1, 1, dim=1)
-        self.finished = False
+        self.finished, self.heard = False, 0
 
     @property
     def samples(self) -> int:
-        """16 kHz samples received so far (after resampling)."""
-        return self.features.received
+        """16 kHz samples received so far (after resampling; without the model's end silence)."""
+        return self.heard
 
     @torch.no_grad()
     def feed(self, samples: torch.Tensor) -> torch.Tensor:
@@ -227,9 +233,12 @@ class PosteriorStream:
             samples = self.resampler(samples, last)
         if self.on_audio is not None:
             self.on_audio(samples, last)
-        x = self.features(samples, last)
-        if last and not self.samples:  # no audio, no frames (the conv layers' padding alone would give some)
+        self.heard += len(samples)
+        if last and not self.heard:  # no audio, no frames (padding alone would give some)
             return torch.zeros(0, self.model.config.vocab_size)
+        if last:  # what DeepSpeech2.append_end_silence adds
+            samples = torch.cat([samples, samples.new_zeros(self.model.config.end_silence_samples)])
+        x = self.features(samples, last)
         with autocast(self.device, self.autocast_dtype):
             return self._network(x, last).float().log_softmax(-1).cpu()
 
@@ -306,6 +315,7 @@ class Streamer:
         self.speech = _SpeechFrames() if self.options.speech_check else None
         self.posteriors = PosteriorStream(model.model, sample_rate, model.autocast_dtype, on_audio=self.speech)
         self.vocab, self.frame_seconds = model.vocab, model.frame_seconds
+        self.end_silence_seconds = model.model.config.end_silence_ms / 1000  # how late it may spell a word
         self.beam = None
         if self.decoding.decoder == "beam":  # its own search: flashlight holds one stream's state
             self.beam = BeamSearchDecoder(model.vocab, model.lm if self.decoding.lexicon else None, self.decoding)
@@ -415,12 +425,11 @@ class Streamer:
         end_seconds = round(end * self.frame_seconds, 3)
         if clamp:  # as the offline pass: nothing ends past the audio
             end_seconds = min(end_seconds, round(self.duration, 3))
-            for w in result.words:
-                w.end = min(w.end, end_seconds)
+            result.end_words_by(end_seconds)
         return self._event("final", result, end_seconds)
 
     def _event(self, kind: str, result: Transcription, end_seconds: float) -> StreamEvent:
         if self.speech is not None:
-            result = keep_spoken_words(result, self.speech.known)
+            result = keep_spoken_words(result, self.speech.known, lookback_seconds=self.end_silence_seconds)
         return StreamEvent(kind, result.text, result.words, round(self.segment_start * self.frame_seconds, 3),
                            end_seconds)

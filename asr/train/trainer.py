@@ -35,6 +35,7 @@ from ..checkpoint import (
 )
 from ..config import ExperimentConfig, config_to_dict
 from ..device import autocast, autocast_dtype, resolve_device
+from ..features import GLOBAL_STATISTICS
 from ..files import write_text_atomically
 from ..manifest import ManifestError, Utterance, check_audio_files, drop_untrainable, filter_by_duration, read_manifest
 from ..metrics import error_rates
@@ -60,6 +61,9 @@ from .distributed import all_gather_objects, all_reduce_sum, barrier, init_distr
 from .logs import LOG_NAMES, RunLogs, discard_logs, epoch_progress, print_line, show_step, trim_logs
 
 log = logging.getLogger(__name__)
+# what a one-way model may set differently from the bidirectional model it starts from (train.init_from)
+ONE_WAY_START_KEYS = {"bidirectional", "lookahead_frames", "end_silence_ms", "features.normalization",
+                      "features.level_window_ms", "features.level_prior_ms"}
 
 
 @torch.no_grad()
@@ -177,14 +181,22 @@ class Trainer:
         return min(total, train.max_steps) if train.max_steps else total
 
     def init_weights(self, folder: Path) -> None:
-        """Start from another model's weights (fine-tuning); its architecture and vocabulary must match."""
+        """Start from another model's weights (fine-tuning); its architecture and vocabulary must match, except
+        that a one-way (streaming) model may start from a bidirectional one's forward direction."""
         source, vocab, _ = load_model_files(folder, "cpu")
         if vocab.tokens != self.vocab.tokens:
             raise CheckpointError(f"{folder}: its vocabulary differs from this run's")
-        differ = sorted(architecture_differences(self.config.model, source.config))
+        one_way_start = source.config.bidirectional and not self.config.model.bidirectional
+        differ = sorted(set(architecture_differences(self.config.model, source.config))
+                        - (ONE_WAY_START_KEYS if one_way_start else set()))
         if differ:
             raise CheckpointError(f"{folder}: cannot initialise from it, model settings differ: {', '.join(differ)}")
-        self.model.load_state_dict(source.state_dict())
+        if one_way_start:
+            self.model.load_forward_direction(source)
+            if self.config.model.features.normalization in GLOBAL_STATISTICS:
+                compute_global_stats(self.model, self.train_utts, seed=self.config.train.seed, progress=self.progress)
+        else:
+            self.model.load_state_dict(source.state_dict())
         if self.ema is not None:
             self.ema.module.load_state_dict(source.state_dict())
         if self.dist.is_main:
@@ -342,7 +354,7 @@ class Trainer:
             self.resume(latest)
         elif self.config.train.init_from:
             self.init_weights(Path(self.config.train.init_from))
-        elif self.config.model.features.normalization == "global":
+        elif self.config.model.features.normalization in GLOBAL_STATISTICS:
             compute_global_stats(self.model, self.train_utts, seed=self.config.train.seed, progress=self.progress)
 
     def _reached_max_steps(self) -> bool:
