@@ -22,7 +22,7 @@ from .model import ModelConfig
 @dataclass
 class DataConfig(AugmentOptions):
     """Batching and loading; the augmentation fields (speed_perturb, noise_*, babble_*, reverb_*, eq_*,
-    telephone_prob, codec_prob, gain_db) come from AugmentOptions."""
+    telephone_prob, codec_prob, gain_db, lead_silence_ms) come from AugmentOptions."""
 
     max_batch_seconds: float = 200.0  # padded audio seconds per batch
     max_batch_size: int = 64

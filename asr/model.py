@@ -111,6 +111,11 @@ class ModelConfig:
         return stride
 
     @property
+    def end_silence_seconds(self) -> float:
+        """How late after a word's sound the model may spell it (its end silence)."""
+        return self.end_silence_ms / 1000
+
+    @property
     def end_silence_samples(self) -> int:
         """end_silence_ms in 16 kHz samples."""
         return round(self.end_silence_ms * SAMPLE_RATE / 1000)

@@ -165,11 +165,13 @@ class _Features:
         spec = torch.stft(used, self.spec.n_fft, self.spec.hop_length, self.spec.win_length, self.spec.window,
                           center=False, return_complex=True).abs().pow(self.spec.power)[:, :count]
         feats = torch.log(self.logmel.mel.mel_scale(spec) + 1e-6)
-        if self.logmel.config.normalization in GLOBAL_STATISTICS:
-            levels = feats.mean(0)[None]
-            feats = self.logmel.normalize_globally(feats[None], self.levels)[0]
-            keep = self.logmel.config.level_window_frames - 1  # the frames a later frame's level still needs
-            self.levels = torch.cat([self.levels, levels], 1)[:, max(0, self.levels.shape[1] + count - keep):]
+        config = self.logmel.config
+        if config.normalization in GLOBAL_STATISTICS:
+            history = self.levels
+            if config.normalization == "running_level":  # keep the levels that later frames still need
+                levels = torch.cat([history, feats.mean(0)[None]], 1)
+                self.levels = levels[:, max(0, levels.shape[1] - config.level_window_frames + 1):]
+            feats = self.logmel.normalize_globally(feats[None], history)[0]
         self.produced += count
         return feats.T
 
@@ -315,7 +317,6 @@ class Streamer:
         self.speech = _SpeechFrames() if self.options.speech_check else None
         self.posteriors = PosteriorStream(model.model, sample_rate, model.autocast_dtype, on_audio=self.speech)
         self.vocab, self.frame_seconds = model.vocab, model.frame_seconds
-        self.end_silence_seconds = model.model.config.end_silence_ms / 1000  # how late it may spell a word
         self.beam = None
         if self.decoding.decoder == "beam":  # its own search: flashlight holds one stream's state
             self.beam = BeamSearchDecoder(model.vocab, model.lm if self.decoding.lexicon else None, self.decoding)
@@ -430,6 +431,7 @@ class Streamer:
 
     def _event(self, kind: str, result: Transcription, end_seconds: float) -> StreamEvent:
         if self.speech is not None:
-            result = keep_spoken_words(result, self.speech.known, lookback_seconds=self.end_silence_seconds)
+            late = self.posteriors.model.config.end_silence_seconds  # how late the model may spell a word
+            result = keep_spoken_words(result, self.speech.known, lookback_seconds=late)
         return StreamEvent(kind, result.text, result.words, round(self.segment_start * self.frame_seconds, 3),
                            end_seconds)

@@ -271,7 +271,7 @@ class ASRModel:
         if speech_check and speech is None and wave is not None:
             speech = speech_frames(wave)
         if speech_check and speech is not None:
-            result = keep_spoken_words(result, speech, lookback_seconds=self.model.config.end_silence_ms / 1000)
+            result = keep_spoken_words(result, speech, lookback_seconds=self.model.config.end_silence_seconds)
         return result
 
     @torch.no_grad()
