@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .errors import ASRError
+from .features import TRAINING_ONLY_KEYS
 from .files import recover_dir, write_dir_atomically  # noqa: F401 - re-exported
 from .model import DeepSpeech2, ModelConfig
 from .text import Vocabulary
@@ -147,13 +148,13 @@ def load_model_files(path: str | os.PathLike, device: str | torch.device = "cpu"
 def architecture_differences(mine: ModelConfig, theirs: ModelConfig) -> dict[str, tuple[Any, Any]]:
     """The model settings that make weights incompatible, where the two differ: {key: (mine, theirs)}.
 
-    Dropout and the SpecAugment settings may change between runs; everything else shapes the weights
-    or what they mean.
+    Dropout and the feature augmentation settings (TRAINING_ONLY_KEYS) may change between runs; everything else
+    shapes the weights or what they mean.
     """
     a, b = dataclasses.asdict(mine), dataclasses.asdict(theirs)
     differ = {k: (a[k], b[k]) for k in a if k not in ("dropout", "features") and a[k] != b[k]}
     for k in a["features"]:
-        if not k.endswith(("masks", "mask_width", "ratio")) and a["features"][k] != b["features"][k]:
+        if k not in TRAINING_ONLY_KEYS and a["features"][k] != b["features"][k]:
             differ[f"features.{k}"] = (a["features"][k], b["features"][k])
     return differ
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,9 @@ from .audio import SAMPLE_RATE
 NORMALIZATIONS = ("per_utterance", "per_utterance_level", "global", "running_level", "none")
 CAUSAL_NORMALIZATIONS = ("running_level", "global", "none")  # each frame normalised without the frames after it
 GLOBAL_STATISTICS = ("global", "running_level")  # normalisations that use the training set's mean and std
+# settings that act in training only (augmentation): they may change when a run starts from another's weights
+TRAINING_ONLY_KEYS = ("freq_masks", "freq_mask_width", "time_masks", "time_mask_width", "time_mask_max_ratio",
+                      "vtlp_warp", "vtlp_boundary_hz")
 
 
 def check_number(key: str, value: object, low: float, high: float, integer: bool = False,
@@ -54,6 +57,11 @@ class FeatureConfig:
     time_masks: int = 2
     time_mask_width: int = 40
     time_mask_max_ratio: float = 0.1
+    # vocal tract length perturbation, in training only: each utterance's frequencies scaled by a factor drawn
+    # from this [min, max] range (e.g. [0.9, 1.1]; above 1 moves the formants up, as a shorter vocal tract
+    # does), straight up to vtlp_boundary_hz * min(factor, 1) and then on a line that keeps the Nyquist frequency
+    vtlp_warp: list[float] = field(default_factory=list)
+    vtlp_boundary_hz: float = 4800.0
 
     def __post_init__(self) -> None:
         """Check every value (a model.json or a configuration may hold anything); errors name the key."""
@@ -78,6 +86,9 @@ class FeatureConfig:
         check_number("time_mask_max_ratio", self.time_mask_max_ratio, 0, 1)
         check_number("level_window_ms", self.level_window_ms, 0, 3_600_000, above_low=True)
         check_number("level_prior_ms", self.level_prior_ms, 0, 3_600_000)
+        if self.vtlp_warp and (len(self.vtlp_warp) != 2 or not 0.5 <= self.vtlp_warp[0] <= self.vtlp_warp[1] <= 2):
+            raise ValueError(f"vtlp_warp: a [min, max] range of factors within 0.5 and 2, got {self.vtlp_warp}")
+        check_number("vtlp_boundary_hz", self.vtlp_boundary_hz, 0, SAMPLE_RATE / 2, above_low=True)
 
     @property
     def hop_length(self) -> int:
@@ -106,6 +117,30 @@ def running_level(levels: torch.Tensor, window: int, prior_frames: float, prior:
     return ((sums[:, end] - sums[:, start] + prior_frames * prior.double()) / (counts + prior_frames)).to(levels.dtype)
 
 
+def warped_filterbanks(filterbank: torch.Tensor, factors: torch.Tensor, boundary_hz: float,
+                       sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """Vocal tract length perturbation (Jaitly & Hinton, 2013): a mel filterbank (freq_bins, n_mels) turned into
+    one per factor (batch, freq_bins, n_mels) that reads the spectrum with its frequencies scaled by the factor.
+
+    Warped bin f takes the power at w^-1(f) (linearly interpolated between bins), where w(g) = factor * g up to
+    g = boundary_hz * min(factor, 1) / factor and then runs straight to the Nyquist frequency, which stays."""
+    bins = filterbank.shape[0]
+    nyquist = sample_rate / 2
+    freqs = torch.linspace(0, nyquist, bins, device=filterbank.device, dtype=torch.float64)[None, :]
+    factor = factors.to(freqs)[:, None]
+    knee = boundary_hz * factor.clamp(max=1.0)  # w(knee / factor) = knee
+    above = nyquist - (nyquist - freqs) * (nyquist - knee / factor) / (nyquist - knee)
+    source = torch.where(freqs <= knee, freqs / factor, above) / nyquist * (bins - 1)  # (batch, bins), in bins
+    low = source.floor().clamp(0, bins - 1)
+    frac = (source - low).to(filterbank.dtype)
+    low = low.long()
+    high = (low + 1).clamp(max=bins - 1)
+    warp = torch.zeros(len(factors), bins, bins, device=filterbank.device, dtype=filterbank.dtype)
+    warp.scatter_add_(2, low[..., None], (1 - frac)[..., None])  # warp[b, out, in]: warped[out] = sum warp * power[in]
+    warp.scatter_add_(2, high[..., None], frac[..., None])
+    return warp.transpose(1, 2) @ filterbank
+
+
 def _lengths_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """(batch, max_len) bool mask: True inside each sequence."""
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
@@ -132,20 +167,28 @@ class LogMel(nn.Module):
     def frame_lengths(self, sample_lengths: torch.Tensor) -> torch.Tensor:
         return sample_lengths // self.config.hop_length + 1
 
-    def raw(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Un-normalised log-mel with padding frames zeroed."""
+    def raw(self, waves: torch.Tensor, lengths: torch.Tensor,
+            warps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Un-normalised log-mel with padding frames zeroed; `warps` (batch,): each utterance's vocal tract length
+        perturbation factor (warped_filterbanks), None for none."""
         # Zero-pad the end so that the STFT's reflect padding never sees a neighbour's padding:
         # an utterance gives the same frames alone and in a padded batch.
         waves = torch.nn.functional.pad(waves.float(), (0, self.config.n_fft // 2))
         with torch.autocast(waves.device.type, enabled=False):
-            feats = torch.log(self.mel(waves) + 1e-6)
+            if warps is None:
+                mel = self.mel(waves)
+            else:
+                banks = warped_filterbanks(self.mel.mel_scale.fb, warps, self.config.vtlp_boundary_hz)
+                mel = torch.einsum("bft,bfm->bmt", self.mel.spectrogram(waves), banks)
+            feats = torch.log(mel + 1e-6)
         frames = self.frame_lengths(lengths)
         feats = feats[..., : int(frames.max())]
         mask = _lengths_mask(frames, feats.shape[-1])[:, None, :]
         return feats.masked_fill(~mask, 0.0), frames
 
-    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, frames = self.raw(waves, lengths)
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor,
+                warps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, frames = self.raw(waves, lengths, warps)
         mask = _lengths_mask(frames, feats.shape[-1])[:, None, :]
         if self.config.normalization in ("per_utterance", "per_utterance_level"):
             dims = (-1,) if self.config.normalization == "per_utterance" else (-2, -1)

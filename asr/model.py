@@ -311,14 +311,24 @@ class DeepSpeech2(nn.Module):
         past_end = torch.arange(waves.shape[1], device=waves.device)[None, :] >= lengths.to(waves.device)[:, None]
         return waves.masked_fill(past_end, 0.0), lengths + end_silence
 
-    def input_features(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def input_features(self, waves: torch.Tensor, lengths: torch.Tensor,
+                       warps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """What the network reads: the normalised log-mel (batch, mels, frames) of the waveforms with their end
-        silence, and frame counts (the ONNX graph starts from these)."""
-        return self.features(*self.append_end_silence(waves, lengths))
+        silence, and frame counts (the ONNX graph starts from these); `warps`: LogMel.raw's."""
+        return self.features(*self.append_end_silence(waves, lengths), warps)
+
+    def draw_warps(self, batch: int) -> torch.Tensor | None:
+        """Each utterance's vocal tract length perturbation factor, uniform in features.vtlp_warp (None without)."""
+        if not self.config.features.vtlp_warp:
+            return None
+        low, high = self.config.features.vtlp_warp
+        return low + (high - low) * torch.rand(batch)
 
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """waves: (batch, samples) float, lengths: (batch,) -> log-probs (batch, frames, vocab), frames."""
-        feats, frames = self.input_features(waves, lengths)
+        """waves: (batch, samples) float, lengths: (batch,) -> log-probs (batch, frames, vocab), frames.
+        In training mode the features are augmented (vocal tract length perturbation, SpecAugment)."""
+        warps = self.draw_warps(len(waves)) if self.training else None
+        feats, frames = self.input_features(waves, lengths, warps)
         feats = self.spec_augment(feats, frames)
         x, out_lengths = self.conv(feats.transpose(1, 2), frames)
         for rnn in self.rnns:

@@ -98,3 +98,43 @@ def test_running_level_removes_gain_as_its_estimate_fills_in():
     assert float(left[-3]) < 0.25 * c  # a second in: most of the gain is gone
     cut, _ = feats(wave[:, :16000], torch.tensor([16000]))
     assert torch.allclose(cut[0, :, :95], loud[0, :, :95], atol=1e-5)  # causal (the last frames' windows differ)
+
+
+def _sine_peak_band(features, hz: float, warp: float | None = None) -> int:
+    wave = torch.sin(2 * torch.pi * hz * torch.arange(16000) / 16000)[None]
+    feats, _ = features.raw(wave, torch.tensor([16000]), None if warp is None else torch.tensor([warp]))
+    return int(feats[0].mean(1).argmax())
+
+
+def test_vocal_tract_length_perturbation_scales_frequencies():
+    """A warp factor moves a tone's energy to the mel band of the tone at the scaled frequency (below the
+    boundary), and a factor of 1 changes nothing."""
+    from asr.features import LogMel
+
+    features = LogMel(FeatureConfig(n_mels=64, normalization="none"))
+    assert _sine_peak_band(features, 1500, 1.2) == _sine_peak_band(features, 1800) != _sine_peak_band(features, 1500)
+    assert _sine_peak_band(features, 1500, 0.8) == _sine_peak_band(features, 1200) != _sine_peak_band(features, 1500)
+    wave, lengths = torch.randn(2, 8000), torch.tensor([8000, 5000])
+    plain, _ = features.raw(wave, lengths)
+    unwarped, _ = features.raw(wave, lengths, torch.ones(2))
+    assert torch.allclose(plain, unwarped, atol=1e-4)
+    both, _ = features.raw(wave, lengths, torch.tensor([1.1, 0.9]))  # each utterance its own factor
+    alone, frames = features.raw(wave[1:], lengths[1:], torch.tensor([0.9]))
+    assert torch.allclose(both[1:, :, : int(frames)], alone, atol=1e-4)
+    assert not torch.allclose(both[1:, :, : int(frames)], plain[1:, :, : int(frames)], atol=1e-2)
+
+
+def test_vocal_tract_length_perturbation_only_in_training():
+    torch.manual_seed(0)
+    features = FeatureConfig(vtlp_warp=[0.9, 1.1], freq_masks=0, time_masks=0)
+    model = DeepSpeech2(ModelConfig(**SMALL, dropout=0.0, features=features))
+    plain = DeepSpeech2(ModelConfig(**SMALL, dropout=0.0, features=FeatureConfig(freq_masks=0, time_masks=0)))
+    plain.load_state_dict(model.state_dict())
+    wave, lengths = torch.randn(1, 8000), torch.tensor([8000])
+    model.eval(), plain.eval()
+    assert torch.equal(model(wave, lengths)[0], plain(wave, lengths)[0])
+    model.train(), plain.train()
+    assert not torch.allclose(model(wave, lengths)[0], plain(wave, lengths)[0], atol=1e-3)
+    for bad in ([1.1, 0.9], [0.9], [0.2, 1.0]):
+        with pytest.raises(ValueError, match="vtlp_warp"):
+            FeatureConfig(vtlp_warp=bad)
