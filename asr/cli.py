@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from .audio import AudioError
-from .decoding import DECODERS
+from .decoding import DECODERS, DecodingOptions
 from .errors import ASRError, OptionsError
 
 FORMATS = ("txt", "json", "srt", "vtt")
@@ -95,7 +95,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _decoding_options(args: argparse.Namespace) -> dict:
     """The DecodingOptions fields given on the command line (the others stay the model's)."""
-    given = {"decoder": args.decoder, "beam_size": args.beam_size, "beam_threshold": args.beam_threshold,
+    given = {"decoder": args.decoder, "beam_size": args.beam_size, "beam_size_token": args.beam_size_token,
+             "beam_threshold": args.beam_threshold,
              "lm_weight": args.lm_weight, "word_score": args.word_score, "hotword_weight": args.hotword_weight,
              "lexicon": False if args.no_lexicon else None, "hotwords": args.hotword}
     return {k: v for k, v in given.items() if v is not None}
@@ -114,6 +115,8 @@ def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", choices=list(DECODERS), help="greedy (default) or beam")
     p.add_argument("--lm", help="language model folder (asr lm build); default: the model folder's lm/")
     p.add_argument("--beam-size", type=int, help="beam search: hypotheses kept (default: tuned or 50)")
+    p.add_argument("--beam-size-token", type=int, help="beam search: most likely characters tried per frame "
+                   "(default: tuned or 3)")
     p.add_argument("--beam-threshold", type=float, help="beam search: drop hypotheses this far below the best "
                    "(default: tuned or 10)")
     p.add_argument("--lm-weight", type=float, help="beam search: alpha (default: the model's tuned value)")
@@ -154,11 +157,12 @@ def cmd_lm(args: argparse.Namespace) -> None:
     else:
         model = load_model(args.model, device=args.device, lm=args.lm)
         tuned = tune_beam(model, args.manifest, args.lm_weights, args.word_scores, args.beam_size,
-                          progress=not args.no_progress)
+                          args.beam_size_token, args.beam_threshold, progress=not args.no_progress)
         store_decoder(args.model, args.lm, tuned)
         b = tuned["beam"]
         print(f"{args.manifest}: greedy WER {tuned['greedy_wer']:.2%}, beam + LM WER {tuned['beam_wer']:.2%} "
-              f"(lm_weight {b['lm_weight']}, word_score {b['word_score']}, beam {b['beam_size']}); "
+              f"(lm_weight {b['lm_weight']}, word_score {b['word_score']}, beam {b['beam_size']}, "
+              f"{b['beam_size_token']} characters a frame, threshold {b['beam_threshold']}); "
               f"stored in {args.model}")
 
 
@@ -316,7 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--manifest", required=True, help="dev manifest")
     q.add_argument("--lm-weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
     q.add_argument("--word-scores", type=float, nargs="+", default=[-2.0, -1.0, 0.0, 1.0, 2.0, 3.0])
-    q.add_argument("--beam-size", type=int, default=50)
+    q.add_argument("--beam-size", type=int, default=50, help="hypotheses kept (the search width is chosen, not "
+                   "tuned: wider is slower and rarely worse)")
+    q.add_argument("--beam-size-token", type=int, default=DecodingOptions.beam_size_token,
+                   help="most likely characters tried per frame")
+    q.add_argument("--beam-threshold", type=float, default=DecodingOptions.beam_threshold,
+                   help="drop hypotheses this far below the best")
     q.add_argument("--device", default="auto")
     q.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_lm)

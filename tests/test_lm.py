@@ -103,11 +103,12 @@ def test_beam_search_on_a_trained_model_with_and_without_lm(trained_tiny_model, 
     for f in trained_tiny_model.iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     tuned = tune_beam(model, tone_corpus, lm_weights=[1.0, 2.0], word_scores=[0.0, 1.5], beam_size=20,
-                      progress=False)
+                      beam_size_token=5, beam_threshold=15.0, progress=False)
     assert len(tuned["grid"]) == 4 and tuned["beam_wer"] <= tuned["greedy_wer"]
     store_decoder(folder, tone_lm, tuned)
     reloaded = asr.load_model(folder)
     assert reloaded.lm is not None and reloaded.decoding.beam_size == 20
+    assert (reloaded.decoding.beam_size_token, reloaded.decoding.beam_threshold) == (5, 15.0)
     assert reloaded.decoding.lm_weight == tuned["beam"]["lm_weight"]
     assert reloaded.transcribe(files[0], decoder="beam").text == TEXTS[0]
 
@@ -170,3 +171,15 @@ def test_missing_build_tools_are_named(monkeypatch, tmp_path):
     monkeypatch.setattr(lm_module.shutil, "which", lambda name: None)
     with pytest.raises(LMError, match="cmake.*\n.*apt-get install"):
         kenlm_tools()
+
+
+def test_cli_passes_the_search_width_to_the_decoder():
+    from asr.cli import _decoding_options, build_parser
+
+    args = build_parser().parse_args(["evaluate", "--model", "m", "--manifest", "d.jsonl", "--decoder", "beam",
+                                      "--beam-size", "300", "--beam-size-token", "6", "--beam-threshold", "12"])
+    assert _decoding_options(args) == {"decoder": "beam", "beam_size": 300, "beam_size_token": 6,
+                                       "beam_threshold": 12.0}
+    tune = build_parser().parse_args(["lm", "tune", "--model", "m", "--lm", "l", "--manifest", "d.jsonl",
+                                      "--beam-size-token", "6", "--beam-threshold", "12"])
+    assert (tune.beam_size_token, tune.beam_threshold) == (6, 12.0)

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ..audio import SAMPLE_RATE, load_audio
 from ..checkpoint import DECODER_FILE, LM_DIR
+from ..decoding import DecodingOptions
 from ..files import write_dir_atomically, write_text_atomically
 from ..manifest import read_manifest
 from ..metrics import error_rates
@@ -25,8 +26,11 @@ DEFAULT_WORD_SCORES = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
 
 def tune_beam(model: ASRModel, manifest: str | os.PathLike, lm_weights: Sequence[float] = DEFAULT_LM_WEIGHTS,
               word_scores: Sequence[float] = DEFAULT_WORD_SCORES, beam_size: int = 50,
-              progress: bool = True) -> dict:
-    """WER of every (alpha, beta) on `manifest` with the model's LM; returns the best and the whole grid."""
+              beam_size_token: int | None = DecodingOptions.beam_size_token,
+              beam_threshold: float = DecodingOptions.beam_threshold, progress: bool = True) -> dict:
+    """WER of every (alpha, beta) on `manifest` with the model's LM, at one search width (beam_size,
+    beam_size_token, beam_threshold: wider is slower and rarely worse, so it is chosen, not tuned);
+    returns the best and the whole grid."""
     if model.lm is None:
         raise ValueError("tuning needs a model loaded with a language model (load_model(path, lm=...))")
     utts = read_manifest(manifest)
@@ -42,6 +46,7 @@ def tune_beam(model: ASRModel, manifest: str | os.PathLike, lm_weights: Sequence
     for alpha in tqdm(lm_weights, desc="alpha", disable=not progress, leave=False):
         for beta in word_scores:
             decoding = model.options(decoder="beam", lm_weight=alpha, word_score=beta, beam_size=beam_size,
+                                     beam_size_token=beam_size_token, beam_threshold=beam_threshold,
                                      lexicon=True, hotwords=[])[1]
             start = time.perf_counter()
             hyps = [model.decode_with(lp, d, decoding, speech=s).text for lp, d, s in heard]
