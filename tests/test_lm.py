@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +184,24 @@ def test_cli_passes_the_search_width_to_the_decoder():
     tune = build_parser().parse_args(["lm", "tune", "--model", "m", "--lm", "l", "--manifest", "d.jsonl",
                                       "--beam-size-token", "6", "--beam-threshold", "12"])
     assert (tune.beam_size_token, tune.beam_threshold) == (6, 12.0)
+
+
+def test_beam_width_bench_decodes_each_width_once_over_the_same_posteriors(trained_tiny_model, tone_corpus, tone_lm,
+                                                                          tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_beam_width",
+                                                  Path(__file__).resolve().parents[1] / "bench" / "beam_width.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_beam_width"] = bench  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    model = asr.load_model(trained_tiny_model, lm=tone_lm)
+    widths = [bench.Width.parse("1:1:1"), bench.Width.parse("20:5:15")]
+    rows, audio_seconds = bench.measure(model, str(tone_corpus), widths, lm_weight=1.0)
+    assert [r["width"] for r in rows] == ["1:1:1", "20:5:15"] and all(r["lm_weight"] == 1.0 for r in rows)
+    assert audio_seconds > 0 and all(r["decode_seconds"] > 0 for r in rows)
+    # the wide search finds the corpus's sentences, as transcribe's beam search does; a one-hypothesis beam need not
+    assert rows[1]["wer"] == 0.0 and rows[1]["wer"] <= rows[0]["wer"]
+    assert "| 20:5:15 | 0.00% |" in bench.table(rows, audio_seconds)
+    with pytest.raises(Exception, match="BEAM:TOKENS:THRESHOLD"):
+        bench.Width.parse("300:5")

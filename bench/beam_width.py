@@ -1,0 +1,112 @@
+"""Beam search width against accuracy and time: the same posteriors decoded at several search widths.
+
+    python bench/beam_width.py --model asr/default_model --manifest dev.jsonl --widths 30:3:6 100:4:8 300:5:10
+
+A width is BEAM:TOKENS:THRESHOLD (hypotheses kept, most likely characters tried per frame, log-score
+distance below the best at which a hypothesis is dropped). The network runs once; every width decodes all
+utterances with the model's LM and α/β (or --lm-weight/--word-score), as `asr evaluate --decoder beam` would.
+Prints a markdown table: WER, CER, decode seconds, the decoding's real-time factor and its time against the
+first width's, from one run; names the machine. Time is the fastest of --repeats passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import asr
+from asr.audio import SAMPLE_RATE, load_audio
+from asr.device import describe_machine, machine_line
+from asr.files import write_text_atomically
+from asr.manifest import read_manifest
+from asr.metrics import error_rates
+from asr.speech_activity import speech_frames
+
+
+@dataclass
+class Width:
+    beam_size: int
+    beam_size_token: int
+    beam_threshold: float
+
+    @classmethod
+    def parse(cls, text: str) -> "Width":
+        try:
+            beam, tokens, threshold = text.split(":")
+            return cls(int(beam), int(tokens), float(threshold))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: a width is BEAM:TOKENS:THRESHOLD, e.g. 300:5:10") from None
+
+    def __str__(self) -> str:
+        return f"{self.beam_size}:{self.beam_size_token}:{self.beam_threshold:g}"
+
+
+def measure(model: asr.ASRModel, manifest: str, widths: list[Width], repeats: int = 1,
+            **decoding) -> tuple[list[dict], float]:
+    """WER, CER and decode seconds of each width on the manifest; and the audio seconds decoded."""
+    utts = read_manifest(manifest)
+    waves = [load_audio(u.audio_filepath) for u in utts]
+    heard = list(zip(model.posteriors(waves), [len(w) / SAMPLE_RATE for w in waves], map(speech_frames, waves)))
+    refs = [u.text for u in utts]
+    rows = []
+    for width in widths:
+        options = model.options(decoder="beam", lexicon=True, hotwords=[], beam_size=width.beam_size,
+                                beam_size_token=width.beam_size_token, beam_threshold=width.beam_threshold,
+                                **decoding)[1]
+        seconds = float("inf")
+        for _ in range(max(1, repeats)):
+            start = time.perf_counter()
+            hyps = [model.decode_with(lp, duration, options, speech=speech).text for lp, duration, speech in heard]
+            seconds = min(seconds, time.perf_counter() - start)
+        rates = error_rates(refs, hyps)
+        rows.append({"width": str(width), "lm_weight": options.lm_weight, "word_score": options.word_score,
+                     "wer": rates.wer, "cer": rates.cer, "decode_seconds": seconds})
+    return rows, sum(duration for _, duration, _ in heard)
+
+
+def table(rows: list[dict], audio_seconds: float) -> str:
+    """The markdown table: each width's time against the first's."""
+    lines = ["| width (beam:tokens:threshold) | WER | CER | decode s | decode RTF | time vs first |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        ratio = row["decode_seconds"] / rows[0]["decode_seconds"]
+        lines.append(f"| {row['width']} | {row['wer']:.2%} | {row['cer']:.2%} | {row['decode_seconds']:.1f} | "
+                     f"{row['decode_seconds'] / audio_seconds:.4f} | {ratio:.1f}× |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model folder with lm/ (and decoder.json)")
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--widths", type=Width.parse, nargs="+", required=True, help="BEAM:TOKENS:THRESHOLD ...")
+    parser.add_argument("--lm-weight", type=float, help="alpha (default: the model's tuned value)")
+    parser.add_argument("--word-score", type=float, help="beta (default: the model's tuned value)")
+    parser.add_argument("--precision", choices=["auto", "int8", "fp32"], default="fp32")
+    parser.add_argument("--repeats", type=int, default=1, help="time each width this many passes, keep the fastest")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    model = asr.load_model(args.model, device="cpu", precision=args.precision)
+    if model.lm is None:
+        sys.exit(f"{args.model}: no lm/ folder; beam search widths need the model's language model")
+    given = {"lm_weight": args.lm_weight, "word_score": args.word_score}
+    rows, audio_seconds = measure(model, args.manifest, args.widths, args.repeats,
+                                  **{k: v for k, v in given.items() if v is not None})
+    machine = describe_machine()
+    print(f"{machine_line(machine)}; {args.manifest}: {audio_seconds:.1f} s of audio; "
+          f"alpha {rows[0]['lm_weight']}, beta {rows[0]['word_score']}")
+    print(table(rows, audio_seconds))
+    if args.json:
+        write_text_atomically(args.json, json.dumps({"command": " ".join(["python", *sys.argv]), "rows": rows,
+                                                     "audio_seconds": audio_seconds, "machine": machine}, indent=2))
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
