@@ -20,12 +20,11 @@ from dataclasses import dataclass
 import torch
 
 import asr
-from asr.audio import SAMPLE_RATE, load_audio
 from asr.device import describe_machine, machine_line
 from asr.files import write_text_atomically
+from asr.lm.tune import hear, transcripts
 from asr.manifest import read_manifest
 from asr.metrics import error_rates
-from asr.speech_activity import speech_frames
 
 
 @dataclass
@@ -50,8 +49,7 @@ def measure(model: asr.ASRModel, manifest: str, widths: list[Width], repeats: in
             **decoding) -> tuple[list[dict], float]:
     """WER, CER and decode seconds of each width on the manifest; and the audio seconds decoded."""
     utts = read_manifest(manifest)
-    waves = [load_audio(u.audio_filepath) for u in utts]
-    heard = list(zip(model.posteriors(waves), [len(w) / SAMPLE_RATE for w in waves], map(speech_frames, waves)))
+    heard = hear(model, utts, progress=False)
     refs = [u.text for u in utts]
     rows = []
     for width in widths:
@@ -61,7 +59,7 @@ def measure(model: asr.ASRModel, manifest: str, widths: list[Width], repeats: in
         seconds = float("inf")
         for _ in range(max(1, repeats)):
             start = time.perf_counter()
-            hyps = [model.decode_with(lp, duration, options, speech=speech).text for lp, duration, speech in heard]
+            hyps = transcripts(model, heard, options)
             seconds = min(seconds, time.perf_counter() - start)
         rates = error_rates(refs, hyps)
         rows.append({"width": str(width), "lm_weight": options.lm_weight, "word_score": options.word_score,

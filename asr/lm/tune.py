@@ -9,19 +9,38 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from tqdm import tqdm
 
 from ..audio import SAMPLE_RATE, load_audio
 from ..checkpoint import DECODER_FILE, LM_DIR
 from ..decoding import DecodingOptions
 from ..files import write_dir_atomically, write_text_atomically
-from ..manifest import read_manifest
+from ..manifest import Utterance, read_manifest
 from ..metrics import error_rates
 from ..serve.transcribe import ASRModel
 from ..speech_activity import speech_frames
 
 DEFAULT_LM_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 DEFAULT_WORD_SCORES = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
+
+
+Heard = list[tuple[torch.Tensor, float, torch.Tensor]]  # (log-probs, seconds, speech frames) per utterance
+
+
+def hear(model: ASRModel, utts: list[Utterance], progress: bool = True) -> Heard:
+    """What decoding needs of each utterance, the network run once (64 files in memory at a time), so that
+    many decoder settings can be tried on the same posteriors."""
+    heard: Heard = []
+    for i in tqdm(range(0, len(utts), 64), desc="posteriors", disable=not progress, leave=False):
+        waves = [load_audio(u.audio_filepath) for u in utts[i: i + 64]]
+        heard += [(lp, len(w) / SAMPLE_RATE, speech_frames(w)) for w, lp in zip(waves, model.posteriors(waves))]
+    return heard
+
+
+def transcripts(model: ASRModel, heard: Heard, decoding: DecodingOptions) -> list[str]:
+    """The text of each heard utterance with these decoding options."""
+    return [model.decode_with(lp, seconds, decoding, speech=speech).text for lp, seconds, speech in heard]
 
 
 def tune_beam(model: ASRModel, manifest: str | os.PathLike, lm_weights: Sequence[float] = DEFAULT_LM_WEIGHTS,
@@ -35,12 +54,8 @@ def tune_beam(model: ASRModel, manifest: str | os.PathLike, lm_weights: Sequence
         raise ValueError("tuning needs a model loaded with a language model (load_model(path, lm=...))")
     utts = read_manifest(manifest)
     refs = [u.text for u in utts]
-    heard = []  # (log-probs, duration, speech frames) of each utterance: the network runs once
-    for i in tqdm(range(0, len(utts), 64), desc="posteriors", disable=not progress, leave=False):
-        waves = [load_audio(u.audio_filepath) for u in utts[i: i + 64]]
-        heard += [(lp, len(w) / SAMPLE_RATE, speech_frames(w)) for w, lp in zip(waves, model.posteriors(waves))]
-    greedy = model.options(decoder="greedy")[1]
-    greedy_wer = error_rates(refs, [model.decode_with(lp, d, greedy, speech=s).text for lp, d, s in heard]).wer
+    heard = hear(model, utts, progress)
+    greedy_wer = error_rates(refs, transcripts(model, heard, model.options(decoder="greedy")[1])).wer
     grid = []
     best = None
     for alpha in tqdm(lm_weights, desc="alpha", disable=not progress, leave=False):
@@ -49,8 +64,7 @@ def tune_beam(model: ASRModel, manifest: str | os.PathLike, lm_weights: Sequence
                                      beam_size_token=beam_size_token, beam_threshold=beam_threshold,
                                      lexicon=True, hotwords=[])[1]
             start = time.perf_counter()
-            hyps = [model.decode_with(lp, d, decoding, speech=s).text for lp, d, s in heard]
-            rates = error_rates(refs, hyps)
+            rates = error_rates(refs, transcripts(model, heard, decoding))
             row = {"lm_weight": alpha, "word_score": beta, "wer": round(rates.wer, 5), "cer": round(rates.cer, 5),
                    "decode_seconds": round(time.perf_counter() - start, 2)}
             grid.append(row)
