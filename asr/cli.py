@@ -1,4 +1,4 @@
-"""The `asr` command: prepare, train, evaluate, transcribe, export, lm (build, tune, ...) and demo."""
+"""The `asr` command: prepare, train, average, evaluate, transcribe, export, lm (build, tune, ...) and demo."""
 
 from __future__ import annotations
 
@@ -93,6 +93,25 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"best dev WER {result.best_wer:.2%}; model in {result.best_dir}")
 
 
+def cmd_average(args: argparse.Namespace) -> None:
+    from .checkpoint import CheckpointError
+    from .train.checkpoints import CHECKPOINTS, average_checkpoints, checkpoints
+
+    if bool(args.run) == bool(args.folders):
+        raise OptionsError("give either checkpoint folders or --run (with --last), not both")
+    folders = [Path(f) for f in args.folders]
+    if args.run:
+        if args.last < 1:
+            raise OptionsError(f"--last must be at least 1, got {args.last}")
+        found = checkpoints(Path(args.run) / CHECKPOINTS)
+        if len(found) < args.last:
+            raise CheckpointError(f"{args.run}: has {len(found)} checkpoint(s) in {CHECKPOINTS}/, --last asks for "
+                                  f"{args.last} (train with train.keep_checkpoints=N to keep more)")
+        folders = found[-args.last:]
+    average_checkpoints(folders, Path(args.out))
+    print(f"{args.out}: the mean of {len(folders)} model(s): {' '.join(f.name for f in folders)}")
+
+
 def _decoding_options(args: argparse.Namespace) -> dict:
     """The DecodingOptions fields given on the command line (the others stay the model's)."""
     given = {"decoder": args.decoder, "beam_size": args.beam_size, "beam_size_token": args.beam_size_token,
@@ -147,7 +166,7 @@ def cmd_lm(args: argparse.Namespace) -> None:
         print("\n".join(map(str, kenlm_tools(args.kenlm_source, quiet=False))))
     elif args.lm_command == "build":
         info = build_lm(args.text, args.out, order=args.order, prune=args.prune, max_vocabulary=args.max_vocabulary,
-                        kenlm_source=args.kenlm_source, weights=args.weights)
+                        kenlm_source=args.kenlm_source, weights=args.weights, quantize_bits=args.quantize)
         print(f"{args.out}: {info.order}-gram over {info.words:,} words of {info.sentences:,} sentences, "
               f"vocabulary {info.vocabulary:,}")
     elif args.lm_command == "perplexity":
@@ -283,6 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config overrides, e.g. train.lr=5e-4 model.gru_hidden=256")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("average", help="average the weights of a run's last checkpoints",
+                       description="Write the mean of several checkpoints' weights (one network) as a model folder, "
+                                   "usually better than any one of them. A run keeps train.keep_checkpoints of them "
+                                   "(default 2); with train.checkpoint_every_steps, set it higher to average more.")
+    p.add_argument("folders", nargs="*", help="checkpoint or model folders to average")
+    p.add_argument("--run", help="a training run's OUT folder: average its newest --last checkpoints")
+    p.add_argument("--last", type=int, default=5, help="with --run: how many checkpoints (default 5)")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.set_defaults(func=cmd_average)
+
     sub.add_parser("demo", help="the web demo (Gradio) on http://127.0.0.1:7860; asr demo --help for its options")
 
     p = sub.add_parser("evaluate", help="score a model on a manifest (WER/CER)",
@@ -311,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kenlm-source", help="kenlm-*.tar.gz to build the tools from (default: download)")
     q.add_argument("--weights", type=int, nargs="+", help="times to repeat each --text (default 1 each): "
                    "weighs a small in-domain text up beside a large general one")
+    q.add_argument("--quantize", type=int, metavar="BITS", help="store probabilities and backoffs in BITS bits "
+                   "(e.g. 8), pointers compressed: a smaller lm.bin")
     q = lm_sub.add_parser("perplexity", help="an LM's perplexity and out-of-vocabulary rate on text")
     q.add_argument("--lm", required=True, help="LM folder (asr lm build)")
     q.add_argument("--text", nargs="+", required=True, help="text files or .jsonl manifests (their text)")

@@ -1,12 +1,14 @@
-"""Beam search width against accuracy and time: the same posteriors decoded at several search widths.
+"""Beam search width and LM against accuracy and time: the same posteriors decoded at several search widths,
+with the model's LM or with each of several (--lms, e.g. smaller ones).
 
     python bench/beam_width.py --model asr/default_model --manifest dev.jsonl --widths 30:3:6 100:4:8 300:5:10
+    python bench/beam_width.py --model asr/default_model --manifest dev.jsonl --widths 300:5:10 --lms lm4 lm3
 
 A width is BEAM:TOKENS:THRESHOLD (hypotheses kept, most likely characters tried per frame, log-score
 distance below the best at which a hypothesis is dropped). The network runs once; every width decodes all
 utterances with the model's LM and α/β (or --lm-weight/--word-score), as `asr evaluate --decoder beam` would.
-Prints a markdown table: WER, CER, decode seconds, the decoding's real-time factor and its time against the
-first width's, from one run; names the machine. Time is the fastest of --repeats passes.
+Prints a markdown table: the LM and the size of its lm.bin, WER, CER, decode seconds, the decoding's real-time
+factor and its time against the first row's, from one run; names the machine. Time is the fastest of --repeats passes.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 import asr
 from asr.device import describe_machine, machine_line
 from asr.files import write_text_atomically
+from asr.lm.language_model import LanguageModel
 from asr.lm.tune import hear, transcripts
 from asr.manifest import read_manifest
 from asr.metrics import error_rates
@@ -46,35 +50,40 @@ class Width:
 
 
 def measure(model: asr.ASRModel, manifest: str, widths: list[Width], repeats: int = 1,
-            **decoding) -> tuple[list[dict], float]:
-    """WER, CER and decode seconds of each width on the manifest; and the audio seconds decoded."""
+            lms: list[str | Path] | None = None, **decoding) -> tuple[list[dict], float]:
+    """WER, CER and decode seconds of each LM (default: the model's) at each width on the manifest; and the
+    audio seconds decoded."""
     utts = read_manifest(manifest)
     heard = hear(model, utts, progress=False)
     refs = [u.text for u in utts]
     rows = []
-    for width in widths:
-        options = model.options(decoder="beam", lexicon=True, hotwords=[], beam_size=width.beam_size,
-                                beam_size_token=width.beam_size_token, beam_threshold=width.beam_threshold,
-                                **decoding)[1]
-        seconds = float("inf")
-        for _ in range(max(1, repeats)):
-            start = time.perf_counter()
-            hyps = transcripts(model, heard, options)
-            seconds = min(seconds, time.perf_counter() - start)
-        rates = error_rates(refs, hyps)
-        rows.append({"width": str(width), "lm_weight": options.lm_weight, "word_score": options.word_score,
-                     "wer": rates.wer, "cer": rates.cer, "decode_seconds": seconds})
+    for lm in [LanguageModel.load(d) for d in lms] if lms else [model.lm]:
+        decoder = asr.ASRModel(model.model, model.vocab, model.meta, lm=lm, decoding=model.decoding,
+                               onnx=model.onnx, precision=model.precision)  # the same network with this LM
+        for width in widths:
+            options = decoder.options(decoder="beam", lexicon=True, hotwords=[], beam_size=width.beam_size,
+                                      beam_size_token=width.beam_size_token, beam_threshold=width.beam_threshold,
+                                      **decoding)[1]
+            seconds = float("inf")
+            for _ in range(max(1, repeats)):
+                start = time.perf_counter()
+                hyps = transcripts(decoder, heard, options)
+                seconds = min(seconds, time.perf_counter() - start)
+            rates = error_rates(refs, hyps)
+            rows.append({"lm": str(lm.folder), "lm_mib": lm.binary.stat().st_size / 2**20, "width": str(width),
+                         "lm_weight": options.lm_weight, "word_score": options.word_score,
+                         "wer": rates.wer, "cer": rates.cer, "decode_seconds": seconds})
     return rows, sum(duration for _, duration, _ in heard)
 
 
 def table(rows: list[dict], audio_seconds: float) -> str:
-    """The markdown table: each width's time against the first's."""
-    lines = ["| width (beam:tokens:threshold) | WER | CER | decode s | decode RTF | time vs first |",
-             "|---|---|---|---|---|---|"]
+    """The markdown table: each row's time against the first's."""
+    lines = ["| LM | lm.bin MiB | width (beam:tokens:threshold) | WER | CER | decode s | decode RTF | time vs first |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         ratio = row["decode_seconds"] / rows[0]["decode_seconds"]
-        lines.append(f"| {row['width']} | {row['wer']:.2%} | {row['cer']:.2%} | {row['decode_seconds']:.1f} | "
-                     f"{row['decode_seconds'] / audio_seconds:.4f} | {ratio:.1f}× |")
+        lines.append(f"| {row['lm']} | {row['lm_mib']:.1f} | {row['width']} | {row['wer']:.2%} | {row['cer']:.2%} | "
+                     f"{row['decode_seconds']:.1f} | {row['decode_seconds'] / audio_seconds:.4f} | {ratio:.1f}× |")
     return "\n".join(lines)
 
 
@@ -83,6 +92,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="model folder with lm/ (and decoder.json)")
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--widths", type=Width.parse, nargs="+", required=True, help="BEAM:TOKENS:THRESHOLD ...")
+    parser.add_argument("--lms", nargs="+", help="LM folders (asr lm build) to compare (default: the model's lm/)")
     parser.add_argument("--lm-weight", type=float, help="alpha (default: the model's tuned value)")
     parser.add_argument("--word-score", type=float, help="beta (default: the model's tuned value)")
     parser.add_argument("--precision", choices=["auto", "int8", "fp32"], default="fp32")
@@ -91,10 +101,10 @@ def main() -> None:
     args = parser.parse_args()
 
     model = asr.load_model(args.model, device="cpu", precision=args.precision)
-    if model.lm is None:
-        sys.exit(f"{args.model}: no lm/ folder; beam search widths need the model's language model")
+    if model.lm is None and not args.lms:
+        sys.exit(f"{args.model}: no lm/ folder; beam search needs a language model (the model's, or --lms)")
     given = {"lm_weight": args.lm_weight, "word_score": args.word_score}
-    rows, audio_seconds = measure(model, args.manifest, args.widths, args.repeats,
+    rows, audio_seconds = measure(model, args.manifest, args.widths, args.repeats, args.lms,
                                   **{k: v for k, v in given.items() if v is not None})
     machine = describe_machine()
     print(f"{machine_line(machine)}; {args.manifest}: {audio_seconds:.1f} s of audio; "

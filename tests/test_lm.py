@@ -52,6 +52,29 @@ def _posteriors(spec: list[dict[str, float]]) -> torch.Tensor:
 BAD_OR_BED = [{"_": 0.9}, {"b": 0.95}, {"_": 0.9}, {"a": 0.52, "e": 0.46}, {"_": 0.9}, {"d": 0.95}, {"_": 0.9}]
 
 
+def test_quantized_lm_is_smaller_and_scores_alike(tools, tmp_path):
+    import random
+
+    rng = random.Random(0)  # enough n-grams that the quantization tables are small beside them
+    words = ["".join(rng.choices("abcdefghij", k=5)) for _ in range(300)]
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(" ".join(rng.choices(words, k=8)) for _ in range(3000)) + "\n")
+    full = build_lm([text], tmp_path / "full", order=3, prune=[0, 0, 0])
+    small = build_lm([text], tmp_path / "q8", order=3, prune=[0, 0, 0], quantize_bits=8)
+    assert full.quantize_bits is None and small.quantize_bits == 8
+    assert json.loads((tmp_path / "q8" / "lm.json").read_text())["quantize_bits"] == 8
+    assert (tmp_path / "q8" / "lm.bin").stat().st_size < 0.8 * (tmp_path / "full" / "lm.bin").stat().st_size
+    # quantized probabilities: nearly the same perplexity
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n".join(" ".join(rng.choices(words, k=8)) for _ in range(50)) + "\n")
+    ppl = [perplexity(LanguageModel.load(tmp_path / d), [held_out]).perplexity for d in ("full", "q8")]
+    assert ppl[1] == pytest.approx(ppl[0], rel=0.1)
+    for bad in (1, 30, 8.5):
+        with pytest.raises(LMError, match="quantize_bits"):
+            build_lm([text], tmp_path / "bad", order=3, quantize_bits=bad)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_lm_folder_holds_binary_vocabulary_and_lexicon(tone_lm):
     lm = LanguageModel.load(tone_lm)
     assert lm.binary.read_bytes().startswith(b"mmap lm")
@@ -203,5 +226,9 @@ def test_beam_width_bench_decodes_each_width_once_over_the_same_posteriors(train
     # the wide search finds the corpus's sentences, as transcribe's beam search does; a one-hypothesis beam need not
     assert rows[1]["wer"] == 0.0 and rows[1]["wer"] <= rows[0]["wer"]
     assert "| 20:5:15 | 0.00% |" in bench.table(rows, audio_seconds)
+    # other LMs over the same posteriors: each LM at each width, named with the size of its binary
+    rows, _ = bench.measure(model, str(tone_corpus), widths[1:], lms=[tone_lm, tone_lm], lm_weight=1.0)
+    assert [r["lm"] for r in rows] == [str(tone_lm)] * 2 and all(r["wer"] == 0.0 for r in rows)
+    assert rows[0]["lm_mib"] == (Path(tone_lm) / "lm.bin").stat().st_size / 2**20 > 0
     with pytest.raises(Exception, match="BEAM:TOKENS:THRESHOLD"):
         bench.Width.parse("300:5")

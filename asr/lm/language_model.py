@@ -106,23 +106,29 @@ class LMInfo:
     sources: list[str]
     weights: list[int] | None = None  # times each source was repeated (None: once each)
     binary_sha256: str = ""  # of lm.bin, checked when the folder is loaded ("": not recorded)
+    quantize_bits: int | None = None  # bits per probability and backoff in lm.bin (None: full floats)
 
 
 def build_lm(texts: Sequence[str | os.PathLike], out_dir: str | os.PathLike, order: int = 4,
              prune: Sequence[int] = (0, 0, 1), max_vocabulary: int | None = None, memory: str = "20%",
              vocab: Vocabulary | None = None, kenlm_source: str | os.PathLike | None = None,
-             weights: Sequence[int] | None = None) -> LMInfo:
+             weights: Sequence[int] | None = None, quantize_bits: int | None = None) -> LMInfo:
     """Normalise `texts`, estimate a modified Kneser-Ney `order`-gram with lmplz, binarise it, write the folder.
 
     `prune` gives lmplz's count thresholds per order (e.g. 0 0 1: drop singleton trigrams and up);
     `max_vocabulary` keeps only the most frequent words (others become <unk>); `weights` repeats each
-    text that many times, so that a small in-domain text counts for more beside a large general one.
+    text that many times, so that a small in-domain text counts for more beside a large general one;
+    `quantize_bits` (2 to 24) stores each probability and backoff in that many bits, with compressed
+    pointers (build_binary -q -a): a smaller lm.bin for a little accuracy.
     """
     vocab = vocab or Vocabulary()
     if weights is not None:
         weights = list(weights)
         if len(weights) != len(texts) or any(not isinstance(w, int) or w < 1 for w in weights):
             raise LMError(f"weights must be one positive whole number per text ({len(texts)}), got {weights}")
+    if quantize_bits is not None and (isinstance(quantize_bits, bool) or not isinstance(quantize_bits, int)
+                                      or not 2 <= quantize_bits <= 24):
+        raise LMError(f"quantize_bits must be a whole number from 2 to 24, got {quantize_bits!r}")
     lmplz, build_binary = kenlm_tools(kenlm_source)
     out = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="lm-") as tmp:
@@ -148,12 +154,13 @@ def build_lm(texts: Sequence[str | os.PathLike], out_dir: str | os.PathLike, ord
         if max_vocabulary:
             (tmp / "limit.txt").write_text("\n".join(words) + "\n")
             cmd += ["--limit_vocab_file", str(tmp / "limit.txt")]
-        for step in (cmd, [str(build_binary), "trie", str(tmp / "lm.arpa"), str(tmp / "lm.bin")]):
+        quantize = ["-q", str(quantize_bits), "-a", "255"] if quantize_bits else []
+        for step in (cmd, [str(build_binary), *quantize, "trie", str(tmp / "lm.arpa"), str(tmp / "lm.bin")]):
             proc = subprocess.run(step, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise LMError(f"{Path(step[0]).name} failed:\n{proc.stderr[-2000:]}")
         info = LMInfo(order, sentences, sum(counts.values()), len(words), [str(t) for t in texts], weights,
-                      _sha256(tmp / "lm.bin"))
+                      _sha256(tmp / "lm.bin"), quantize_bits)
 
         def fill(d: Path) -> None:
             shutil.move(str(tmp / "lm.bin"), d / "lm.bin")

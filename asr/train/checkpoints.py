@@ -9,10 +9,11 @@ from __future__ import annotations
 import random
 import re
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
-from ..checkpoint import CheckpointError, architecture_differences, read_model_json
+from ..checkpoint import CheckpointError, architecture_differences, load_model_files, read_model_json, save_model
 from ..files import discard_dir, remove_leftovers
 from ..model import ModelConfig
 from ..text import Vocabulary
@@ -31,12 +32,17 @@ def checkpoint_step(folder: Path) -> int:
     return int(_STEP_DIR.match(folder.name).group(1))
 
 
+def checkpoints(root: Path) -> list[Path]:
+    """The checkpoint folders in `root`, oldest first (none when `root` is not a folder)."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()), key=checkpoint_step)
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     """The checkpoint folder of the highest step in `root`, or None."""
-    if not root.is_dir():
-        return None
-    steps = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return max(steps)[1] if steps else None
+    steps = checkpoints(root)
+    return steps[-1] if steps else None
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
@@ -69,6 +75,38 @@ def check_resumable(checkpoint: Path, out: Path, config: ModelConfig, vocab: Voc
         raise CheckpointError(f"{out}: cannot resume from {checkpoint.name}, model settings differ: "
                               f"{'; '.join(differ)}. Train with the checkpoint's settings, or use --restart "
                               "(discards that run) or another --out")
+
+
+def average_checkpoints(folders: Sequence[Path], out: Path) -> Path:
+    """Write the mean of the weights in `folders` (checkpoints or model folders of one network: the same
+    settings and vocabulary) to the model folder `out`, as icefall's `--avg` does with a run's last
+    checkpoints; the average of the last few usually scores better than any one of them.
+
+    Integer buffers (batch-norm step counts) and model.json come from the last folder; `out` gets no trainer
+    state, LM or decoder.json. `out` may not be one of `folders` (nothing written is replaced by the mean).
+    """
+    folders = [Path(f) for f in folders]
+    if not folders:
+        raise CheckpointError("nothing to average: no checkpoint folders given")
+    out = Path(out)
+    if any(out.resolve() == f.resolve() for f in folders):
+        raise CheckpointError(f"{out}: is one of the folders being averaged; write the average elsewhere")
+    model, vocab, meta = load_model_files(folders[-1])
+    config, dtypes = model.config, {k: v.dtype for k, v in model.state_dict().items()}
+    state = {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    for folder in folders[:-1]:
+        other, other_vocab, _ = load_model_files(folder)
+        if architecture_differences(config, other.config) or other_vocab.tokens != vocab.tokens:
+            raise CheckpointError(f"{folder}: not the same network as {folders[-1]} (model settings or vocabulary "
+                                  "differ); only checkpoints of one model can be averaged")
+        for k, v in other.state_dict().items():
+            if v.is_floating_point():
+                state[k] += v.to(torch.float64)
+    model.load_state_dict({k: (v / len(folders)).to(dtypes[k]) if v.is_floating_point() else v
+                           for k, v in state.items()})
+    metadata = {**meta.get("metadata", {}), "averaged_from": [str(f) for f in folders]}
+    save_model(out, model, vocab, metadata)
+    return out
 
 
 def rng_state(device: torch.device) -> dict:
