@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("average", help="average the weights of a run's last checkpoints",
                        description="Write the mean of several checkpoints' weights (one network) as a model folder, "
-                                   "usually better than any one of them. A run keeps train.keep_checkpoints of them "
+                                   "often better than any one of them. A run keeps train.keep_checkpoints of them "
                                    "(default 2); with train.checkpoint_every_steps, set it higher to average more.")
     p.add_argument("folders", nargs="*", help="checkpoint or model folders to average")
     p.add_argument("--run", help="a training run's OUT folder: average its newest --last checkpoints")

@@ -80,7 +80,7 @@ def check_resumable(checkpoint: Path, out: Path, config: ModelConfig, vocab: Voc
 def average_checkpoints(folders: Sequence[Path], out: Path) -> Path:
     """Write the mean of the weights in `folders` (checkpoints or model folders of one network: the same
     settings and vocabulary) to the model folder `out`, as icefall's `--avg` does with a run's last
-    checkpoints; the average of the last few usually scores better than any one of them.
+    checkpoints; the average of the last few often scores better than any one of them.
 
     Integer buffers (batch-norm step counts) and model.json come from the last folder; `out` gets no trainer
     state, LM or decoder.json. `out` may not be one of `folders` (nothing written is replaced by the mean).
