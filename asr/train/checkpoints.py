@@ -47,8 +47,7 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def prune_checkpoints(root: Path, keep: int) -> None:
     """Delete all but the `keep` newest checkpoint folders."""
-    steps = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))
-    for old in steps[:-keep]:
+    for old in checkpoints(root)[:-keep]:
         discard_dir(old)  # renamed first: a kill never leaves a half-deleted step-* folder
 
 
@@ -64,13 +63,20 @@ def remove_kill_leftovers(out: Path, *names: str) -> list[Path]:
     return remove_leftovers(out, *names, CHECKPOINTS) + remove_leftovers(out / CHECKPOINTS, "step-*")
 
 
-def check_resumable(checkpoint: Path, out: Path, config: ModelConfig, vocab: Vocabulary) -> None:
-    """Refuse, before anything is written, to resume from a checkpoint of another model or vocabulary."""
-    saved, saved_vocab, _ = read_model_json(checkpoint)
+def network_differences(folder: Path, config: ModelConfig, vocab: Vocabulary) -> list[str]:
+    """What makes the network in `folder` (its model.json) another than `config` with `vocab`: each differing
+    setting ("KEY THERE there, NOW now") and "the vocabulary"; empty when its weights fit this network."""
+    saved, saved_vocab, _ = read_model_json(folder)
     differ = [f"{k} {there!r} there, {now!r} now"
               for k, (now, there) in sorted(architecture_differences(config, saved).items())]
     if saved_vocab.tokens != vocab.tokens:
         differ.append("the vocabulary")
+    return differ
+
+
+def check_resumable(checkpoint: Path, out: Path, config: ModelConfig, vocab: Vocabulary) -> None:
+    """Refuse, before anything is written, to resume from a checkpoint of another model or vocabulary."""
+    differ = network_differences(checkpoint, config, vocab)
     if differ:
         raise CheckpointError(f"{out}: cannot resume from {checkpoint.name}, model settings differ: "
                               f"{'; '.join(differ)}. Train with the checkpoint's settings, or use --restart "
@@ -92,13 +98,15 @@ def average_checkpoints(folders: Sequence[Path], out: Path) -> Path:
     if any(out.resolve() == f.resolve() for f in folders):
         raise CheckpointError(f"{out}: is one of the folders being averaged; write the average elsewhere")
     model, vocab, meta = load_model_files(folders[-1])
-    config, dtypes = model.config, {k: v.dtype for k, v in model.state_dict().items()}
+    for folder in folders[:-1]:  # every description checked before any more weights are read
+        differ = network_differences(folder, model.config, vocab)
+        if differ:
+            raise CheckpointError(f"{folder}: not the same network as {folders[-1]} ({'; '.join(differ)}); only "
+                                  "checkpoints of one model can be averaged")
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     state = {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     for folder in folders[:-1]:
-        other, other_vocab, _ = load_model_files(folder)
-        if architecture_differences(config, other.config) or other_vocab.tokens != vocab.tokens:
-            raise CheckpointError(f"{folder}: not the same network as {folders[-1]} (model settings or vocabulary "
-                                  "differ); only checkpoints of one model can be averaged")
+        other, _, _ = load_model_files(folder)
         for k, v in other.state_dict().items():
             if v.is_floating_point():
                 state[k] += v.to(torch.float64)
