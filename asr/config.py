@@ -50,6 +50,8 @@ class TrainConfig:
     max_steps: int = 0  # 0: no limit beyond epochs
     max_minutes: float = 0.0  # 0: no limit; else stop once this many minutes of fit() have passed (the step
     # in progress is finished, evaluated and checkpointed; a resumed run starts a new budget)
+    time_schedule: bool = False  # with max_minutes: the cosine decay ends with the budget if that comes before
+    # the last epoch (for a run that has minutes, not epochs: one GPU lease)
     lr: float = 1e-3
     weight_decay: float = 1e-2
     warmup_steps: int = 500

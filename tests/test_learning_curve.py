@@ -62,10 +62,15 @@ def test_a_later_run_continues_the_axis_from_the_earlier_runs_best(tmp_path, one
     assert second.exact and second.start == pytest.approx(2.0)  # the best of the first run, not its end
     assert second.hours == pytest.approx([2.5, 3.0])
 
+    _, beside = plot_curve.learning_curves([old, new], [one_hour_manifest, None], chained=False)
+    assert beside.start == 0 and beside.hours == pytest.approx([0.5, 1.0])  # runs compared: each from zero
+
     out = tmp_path / "curve.png"
     pytest.importorskip("matplotlib")
     plot_curve.main([str(old), str(new), "--train-manifest", str(one_hour_manifest), "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot_curve.main([str(old), str(new), "--train-manifest", str(one_hour_manifest), "--out", str(out),
+                     "--side-by-side"])
 
 
 def test_epoch_ends_from_the_train_log_when_evaluating_by_steps(tmp_path, one_hour_manifest):

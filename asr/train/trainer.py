@@ -87,11 +87,14 @@ def compute_global_stats(model: DeepSpeech2, utterances: list[Utterance], max_ut
     model.features.set_global_stats(mean.float().to(device), std.float().to(device))
 
 
-def _lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+def _lr_lambda(warmup: int, total: int, min_ratio: float,
+               time_used: Callable[[], float] = lambda: 0.0) -> Callable[[int], float]:
+    """Linear warm-up over `warmup` steps, then cosine decay to `min_ratio` over the rest of `total` steps, or
+    faster when `time_used()` (the fraction of a time budget spent) is further along than the steps."""
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_used()))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
 
@@ -146,8 +149,10 @@ class Trainer:
         self.total_steps = self._count_steps()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
                                            fused=self.device.type == "cuda")
+        self.time_used = 0.0  # the fraction of train.max_minutes spent, agreed by all ranks after each step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(train.warmup_steps, self.total_steps, train.min_lr_ratio))
+            self.optimizer, _lr_lambda(train.warmup_steps, self.total_steps, train.min_lr_ratio,
+                                       (lambda: self.time_used) if train.time_schedule else (lambda: 0.0)))
 
         # the position in training (resume restores it)
         self.step = 0
@@ -156,7 +161,7 @@ class Trainer:
         self.best_wer = math.inf
         self.audio_seconds = 0.0  # audio trained on so far, after speed perturbation, all ranks (the logs' audio_hours)
         self.logs: RunLogs | None = None  # rank 0's, while fit runs
-        self.deadline = math.inf  # time.monotonic() at which fit stops (train.max_minutes)
+        self.started = math.inf  # time.monotonic() at which fit began
 
     def _trainable(self, utterances: list[Utterance], manifest: str | Path) -> list[Utterance]:
         """The utterances CTC can learn from with this model; the others are counted in a warning."""
@@ -297,7 +302,7 @@ class Trainer:
     def fit(self, resume: bool = True) -> TrainResult:
         """Train to the end; with resume=False, earlier checkpoints and logs in out_dir are removed first."""
         train = self.config.train
-        self.deadline = time.monotonic() + 60 * train.max_minutes if train.max_minutes else math.inf
+        self.started, self.time_used = time.monotonic(), 0.0
         previous = self.latest_checkpoint() if resume else None
         if previous is not None:  # before anything in out_dir changes
             check_resumable(previous, self.out, self.config.model, self.vocab)
@@ -361,11 +366,14 @@ class Trainer:
         return bool(self.config.train.max_steps) and self.step >= self.config.train.max_steps
 
     def _out_of_time(self) -> bool:
-        """train.max_minutes have passed since fit began (on any rank: every rank stops at the same step)."""
-        if self.deadline == math.inf:
+        """train.max_minutes have passed since fit began, on any rank; updates self.time_used, the largest
+        fraction spent on any rank (every rank stops at the same step, with the same learning rate)."""
+        if not self.config.train.max_minutes:
             return False
-        late = torch.tensor([float(time.monotonic() >= self.deadline)], dtype=torch.float64)
-        return all_reduce_sum(self.dist, late).item() > 0
+        used = torch.zeros(self.dist.world_size, dtype=torch.float64)
+        used[self.dist.rank] = (time.monotonic() - self.started) / (60 * self.config.train.max_minutes)
+        self.time_used = all_reduce_sum(self.dist, used).max().item()
+        return self.time_used >= 1
 
     def _audio_hours(self) -> float:
         return round(self.audio_seconds / 3600, 5)

@@ -3,9 +3,9 @@ set and put it, with its logs and results, into OUT: at most 8 files of at most 
 
     python recipes/english/gpu_train.py --pack PACK --out OUT --exp EXP [key=value ...]
 
-EXP holds the run (checkpoints, resumed if there); OUT gets model.json and model.safetensors (a model
-folder: `asr transcribe --model OUT`), config.json, train_log.csv, eval_log.csv, results.json and, with
-matplotlib, learning_curve.png.
+EXP holds the run (checkpoints, resumed if there); OUT gets model.json and model.safetensors with fp16
+weights, as the package ships them (a model folder: `asr transcribe --model OUT`), config.json,
+train_log.csv, eval_log.csv, results.json and, with matplotlib, learning_curve.png.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from asr.device import describe_machine
 from asr.errors import ASRError
 from asr.files import replaced_atomically, write_text_atomically
 from asr.serve.evaluate import evaluate_manifest
+from asr.serve.packaging import ship_model
 from asr.serve.transcribe import load_model
 from asr.train.logs import EVAL_LOG, TRAIN_LOG
 from asr.train.trainer import Trainer
 
 HERE = Path(__file__).resolve().parent
 MAX_FILES, MAX_FILE_MIB = 8, 16  # what a device run's $OUT brings back
-COPIED = ("best/model.json", "best/model.safetensors", "config.json", TRAIN_LOG, EVAL_LOG)
+COPIED = ("fp16/model.json", "fp16/model.safetensors", "config.json", TRAIN_LOG, EVAL_LOG)
 
 
 def check_folder(folder: Path, max_files: int = MAX_FILES, max_mib: float = MAX_FILE_MIB) -> list[Path]:
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         model = load_model(result.best_dir, device=str(trainer.device))
         dev = evaluate_manifest(model, args.pack / "dev.jsonl", args.exp / "eval" / "dev",
                                 progress=not args.no_progress)
+        ship_model(result.best_dir, args.exp / "fp16")  # half the bytes to bring back
         for name in COPIED:
             copy_file(args.exp / name, args.out / Path(name).name)
         results = {

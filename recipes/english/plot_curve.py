@@ -1,6 +1,7 @@
 """The learning curve: dev WER and CER against the audio hours seen, over one or more runs in training order.
 
     python recipes/english/plot_curve.py RUN [RUN ...] --train-manifest TRAIN.jsonl --out curve.png
+    python recipes/english/plot_curve.py RUN [RUN ...] --side-by-side --out curve.png   # runs compared
 
 Each RUN is an `asr train` folder (train_log.csv, eval_log.csv, config.json). A later run is taken to start
 from the weights of the earlier one's best evaluation (train.init_from): its x axis continues from the audio
@@ -141,11 +142,12 @@ def run_curve(run: Path, start: float, train_manifest: str | Path | None) -> Cur
     return Curve(run.name, start, steps, [start + h for h in seen], wer, cer, exact)
 
 
-def learning_curves(runs: list[Path], train_manifests: list[str | Path | None]) -> list[Curve]:
-    """Each run's curve, each continuing the x axis from the best evaluation of the one before."""
+def learning_curves(runs: list[Path], train_manifests: list[str | Path | None], chained: bool = True) -> list[Curve]:
+    """Each run's curve, each continuing the x axis from the best evaluation of the one before (chained), or
+    each from zero (runs side by side)."""
     curves: list[Curve] = []
     for run, manifest in zip(runs, train_manifests, strict=True):
-        start = curves[-1].hours[curves[-1].best] if curves else 0.0
+        start = curves[-1].hours[curves[-1].best] if curves and chained else 0.0
         curves.append(run_curve(Path(run), start, manifest))
     return curves
 
@@ -164,7 +166,7 @@ def plot(curves: list[Curve], out: Path, title: str = "") -> None:
         ax.plot(c.hours, [100 * w for w in c.wer], "o-", color=color, label=f"{c.name} WER{derived}")
         ax.plot(c.hours, [100 * x for x in c.cer], "s--", color=color, label=f"{c.name} CER")
         ax.plot(c.hours[c.best], 100 * c.wer[c.best], "*", color=color, markersize=15)
-        if i:
+        if c.start:
             ax.axvline(c.start, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("audio hours seen")
     ax.set_ylabel("dev error rate (%)")
@@ -180,6 +182,8 @@ def plot(curves: list[Curve], out: Path, title: str = "") -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders, in training order")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="the runs are not one chain: each starts at 0 hours (settings compared)")
     parser.add_argument("--train-manifest", nargs="+", default=[],
                         help="training manifest(s), for runs whose logs have no audio_hours: one, or one per run")
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     if manifests and len(manifests) != len(args.runs):
         parser.error(f"--train-manifest: give one, or one per run ({len(args.runs)}), not {len(manifests)}")
     try:
-        curves = learning_curves(args.runs, manifests or [None] * len(args.runs))
+        curves = learning_curves(args.runs, manifests or [None] * len(args.runs), chained=not args.side_by_side)
     except ASRError as e:
         parser.exit(2, f"error: {e}\n")
     for c in curves:
