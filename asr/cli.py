@@ -94,8 +94,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_average(args: argparse.Namespace) -> None:
-    from .checkpoint import CheckpointError
-    from .train.checkpoints import CHECKPOINTS, average_checkpoints, checkpoints
+    from .train.checkpoints import average_checkpoints, last_checkpoints
 
     if bool(args.run) == bool(args.folders):
         raise OptionsError("give either checkpoint folders or --run (with --last), not both")
@@ -103,11 +102,7 @@ def cmd_average(args: argparse.Namespace) -> None:
     if args.run:
         if args.last < 1:
             raise OptionsError(f"--last must be at least 1, got {args.last}")
-        found = checkpoints(Path(args.run) / CHECKPOINTS)
-        if len(found) < args.last:
-            raise CheckpointError(f"{args.run}: has {len(found)} checkpoint(s) in {CHECKPOINTS}/, --last asks for "
-                                  f"{args.last} (train with train.keep_checkpoints=N to keep more)")
-        folders = found[-args.last:]
+        folders = last_checkpoints(Path(args.run), args.last)
     average_checkpoints(folders, Path(args.out))
     print(f"{args.out}: the mean of {len(folders)} model(s): {' '.join(f.name for f in folders)}")
 

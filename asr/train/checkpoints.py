@@ -39,6 +39,16 @@ def checkpoints(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()), key=checkpoint_step)
 
 
+def last_checkpoints(run: Path, count: int) -> list[Path]:
+    """The `count` newest checkpoint folders of the training run `run` (its OUT folder), oldest first; a
+    CheckpointError when it has fewer."""
+    found = checkpoints(run / CHECKPOINTS)
+    if len(found) < count:
+        raise CheckpointError(f"{run}: has {len(found)} checkpoint(s) in {CHECKPOINTS}/, {count} were asked for "
+                              "(train with train.keep_checkpoints=N to keep more)")
+    return found[-count:]
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     """The checkpoint folder of the highest step in `root`, or None."""
     steps = checkpoints(root)
