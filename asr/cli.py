@@ -110,7 +110,7 @@ def cmd_average(args: argparse.Namespace) -> None:
 def _decoding_options(args: argparse.Namespace) -> dict:
     """The DecodingOptions fields given on the command line (the others stay the model's)."""
     given = {"decoder": args.decoder, "beam_size": args.beam_size, "beam_size_token": args.beam_size_token,
-             "beam_threshold": args.beam_threshold,
+             "beam_threshold": args.beam_threshold, "blank_penalty": args.blank_penalty,
              "lm_weight": args.lm_weight, "word_score": args.word_score, "hotword_weight": args.hotword_weight,
              "lexicon": False if args.no_lexicon else None, "hotwords": args.hotword}
     return {k: v for k, v in given.items() if v is not None}
@@ -135,6 +135,8 @@ def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: tuned or 10)")
     p.add_argument("--lm-weight", type=float, help="beam search: alpha (default: the model's tuned value)")
     p.add_argument("--word-score", type=float, help="beam search: beta (default: the model's tuned value)")
+    p.add_argument("--blank-penalty", type=float, help="beam search: subtracted from the blank's log-probability "
+                   "(default: the model's tuned value, else 0)")
     p.add_argument("--no-lexicon", action="store_true", help="beam search: allow any spelling, no word LM")
     p.add_argument("--hotword", action="append", metavar="WORDS", help="beam search: boost a word or phrase "
                    "(repeatable)")
@@ -154,7 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_lm(args: argparse.Namespace) -> None:
     from .lm.kenlm_tools import kenlm_tools
     from .lm.language_model import LanguageModel, build_lm, perplexity
-    from .lm.tune import store_decoder, tune_beam
+    from .lm.tune import DEFAULT_BLANK_PENALTIES, store_decoder, tune_beam
     from .serve.transcribe import load_model
 
     if args.lm_command == "tools":
@@ -171,11 +173,13 @@ def cmd_lm(args: argparse.Namespace) -> None:
     else:
         model = load_model(args.model, device=args.device, lm=args.lm)
         tuned = tune_beam(model, args.manifest, args.lm_weights, args.word_scores, args.beam_size,
-                          args.beam_size_token, args.beam_threshold, progress=not args.no_progress)
+                          args.beam_size_token, args.beam_threshold, progress=not args.no_progress,
+                          blank_penalties=args.blank_penalties or DEFAULT_BLANK_PENALTIES)
         store_decoder(args.model, args.lm, tuned)
         b = tuned["beam"]
         print(f"{args.manifest}: greedy WER {tuned['greedy_wer']:.2%}, beam + LM WER {tuned['beam_wer']:.2%} "
-              f"(lm_weight {b['lm_weight']}, word_score {b['word_score']}, beam {b['beam_size']}, "
+              f"(lm_weight {b['lm_weight']}, word_score {b['word_score']}, blank_penalty {b['blank_penalty']}, "
+              f"beam {b['beam_size']}, "
               f"{b['beam_size_token']} characters a frame, threshold {b['beam_threshold']}); "
               f"stored in {args.model}")
 
@@ -340,12 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     q = lm_sub.add_parser("perplexity", help="an LM's perplexity and out-of-vocabulary rate on text")
     q.add_argument("--lm", required=True, help="LM folder (asr lm build)")
     q.add_argument("--text", nargs="+", required=True, help="text files or .jsonl manifests (their text)")
-    q = lm_sub.add_parser("tune", help="grid-search lm_weight and word_score on a dev manifest")
+    q = lm_sub.add_parser("tune", help="grid-search lm_weight, word_score (and blank penalties) on a dev manifest")
     q.add_argument("--model", required=True, help="model folder; gets lm/ and decoder.json")
     q.add_argument("--lm", required=True, help="LM folder (asr lm build)")
     q.add_argument("--manifest", required=True, help="dev manifest")
     q.add_argument("--lm-weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
     q.add_argument("--word-scores", type=float, nargs="+", default=[-2.0, -1.0, 0.0, 1.0, 2.0, 3.0])
+    q.add_argument("--blank-penalties", type=float, nargs="+",
+                   help="blank penalties to try with every alpha and beta (default: 0 and 1)")
     q.add_argument("--beam-size", type=int, default=50, help="hypotheses kept (the search width is chosen, not "
                    "tuned: wider is slower and rarely worse)")
     q.add_argument("--beam-size-token", type=int, default=DecodingOptions.beam_size_token,

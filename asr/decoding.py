@@ -27,6 +27,7 @@ class DecodingOptions:
     beam_threshold: float = 10.0  # drop hypotheses this far (log) below the best
     lm_weight: float = 0.5  # alpha: weight of the LM's log10-probability
     word_score: float = 0.0  # beta: bonus per word (counters the LM's preference for few words)
+    blank_penalty: float = 0.0  # beam search: taken from the blank's log-probability (fewer dropped letters)
     unk_score: float = -math.inf  # score of words outside the lexicon (lexicon search)
     lexicon: bool = True  # spell only known words (needs an LM); False: any spelling, no word LM
     hotwords: list[str] = field(default_factory=list)  # words or phrases to favour at this call
@@ -47,6 +48,9 @@ class DecodingOptions:
         token = self.beam_size_token
         if token is not None and not (isinstance(token, int) and token >= 1):
             problems.append(f"beam_size_token must be a whole number >= 1 or None, not {self.beam_size_token!r}")
+        penalty = self.blank_penalty
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not math.isfinite(penalty):
+            problems.append(f"blank_penalty must be a finite number, not {penalty!r}")
         if problems:
             raise OptionsError("; ".join(problems))
 

@@ -234,9 +234,13 @@ class GRULayer(nn.Module):
         self.hidden = hidden
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        packed = pack_padded_sequence(self.norm(x), lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.gru(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        lengths = lengths.cpu()
+        if bool((lengths == x.shape[1]).all()):  # nothing padded (one utterance): packing would only cost time
+            out, _ = self.gru(self.norm(x))
+        else:
+            packed = pack_padded_sequence(self.norm(x), lengths, batch_first=True, enforce_sorted=False)
+            out, _ = self.gru(packed)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
         if self.gru.bidirectional:
             out = out[..., : self.hidden] + out[..., self.hidden:]
         return self.dropout(out)

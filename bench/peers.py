@@ -202,7 +202,8 @@ class OurRecognizer:
         self.settings = {"decoder": self.decoder}
         if self.decoder == "beam":
             beam = self.model.decoding
-            self.settings.update(beam=beam.beam_size, alpha=beam.lm_weight, beta=beam.word_score)
+            self.settings.update(beam=beam.beam_size, alpha=beam.lm_weight, beta=beam.word_score,
+                                 **{"blank penalty": beam.blank_penalty})
 
     def transcribe(self, wave: torch.Tensor) -> str:
         return self.model.transcribe(wave, sample_rate=SAMPLE_RATE, decoder=self.decoder).text

@@ -10,7 +10,8 @@ import torch
 
 import asr
 from asr.decoding import DecodingOptions
-from asr.lm.beam_search import BeamSearchDecoder
+from asr.lm import beam_search
+from asr.lm.beam_search import SKIP_BLANK, BeamSearchDecoder, searched_frames
 from asr.lm.kenlm_tools import LMError, kenlm_tools, missing_build_requirements
 from asr.lm.language_model import LanguageModel, build_lm, perplexity
 from asr.lm.tune import store_decoder, tune_beam
@@ -107,6 +108,36 @@ def test_lexicon_search_spells_only_known_words(tone_lm):
     assert 0 < result.words[0].confidence <= 1
 
 
+def test_blank_penalty_spells_a_letter_heard_below_the_blank():
+    # "b", then an "a" the network ranks below the blank, then "d": best path and a plain search drop the "a"
+    spec = [{"b": 0.95}, {"_": 0.9}, {"_": 0.6, "a": 0.39}, {"_": 0.9}, {"d": 0.95}]
+    lp, lengths = _posteriors(spec)[None], torch.tensor([len(spec)])
+    free = {"decoder": "beam", "lexicon": False}
+    assert BeamSearchDecoder(VOCAB, None, DecodingOptions(**free)).decode(lp, lengths, 0.04)[0].text == "bd"
+    penalised = BeamSearchDecoder(VOCAB, None, DecodingOptions(**free, blank_penalty=1.0)).decode(lp, lengths, 0.04)
+    assert penalised[0].text == "bad"
+    assert penalised[0].words[0].confidence == pytest.approx((0.95 + 0.39 + 0.95) / 3, abs=0.01)  # not penalised
+    for bad in ("1", float("nan"), float("inf"), None):
+        with pytest.raises(asr.errors.OptionsError, match="blank_penalty"):
+            DecodingOptions(blank_penalty=bad)
+
+
+def test_runs_of_sure_blanks_are_searched_as_one_frame(tone_lm):
+    # 20 sure blanks, "egg" with 20 sure blanks between the two g's (under the 1 s that would cut the search in
+    # two pieces), then an unsure blank and more sure ones
+    sure, unsure = {"_": 1.0}, {"_": 0.99}
+    spec = [sure] * 20 + [{"e": 0.9}, {"g": 0.9}] + [sure] * 20 + [{"g": 0.9}, unsure] + [sure] * 10
+    lp = _posteriors(spec)
+    lp[[i for i, frame in enumerate(spec) if frame is sure]] = torch.full((len(VOCAB),), 1e-6).index_fill(
+        0, torch.tensor([VOCAB.blank]), 1 - 1e-6 * (len(VOCAB) - 1)).log()  # blank above SKIP_BLANK
+    assert lp[0, VOCAB.blank].exp() > SKIP_BLANK > lp[-11, VOCAB.blank].exp()
+    assert searched_frames(lp, VOCAB.blank).tolist() == [0, 20, 21, 22, 42, 43, 44]
+    lexicon = BeamSearchDecoder(VOCAB, LanguageModel.load(tone_lm), DecodingOptions(decoder="beam", lm_weight=0.5))
+    result = lexicon.decode(lp[None], torch.tensor([len(spec)]), 0.04)[0]
+    assert result.text == "egg"  # the blank kept between the g's still parts them
+    assert (result.words[0].start, result.words[0].end) == (0.8, 1.72)  # frames 20 to 42 + 1 of the whole emissions
+
+
 def test_beam_search_on_a_trained_model_with_and_without_lm(trained_tiny_model, tone_corpus, tone_lm, tmp_path):
     files = [str(tone_corpus.parent / f"utt{i}.wav") for i in range(len(TEXTS))]
     model = asr.load_model(trained_tiny_model, lm=tone_lm)
@@ -127,13 +158,15 @@ def test_beam_search_on_a_trained_model_with_and_without_lm(trained_tiny_model, 
     for f in trained_tiny_model.iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     tuned = tune_beam(model, tone_corpus, lm_weights=[1.0, 2.0], word_scores=[0.0, 1.5], beam_size=20,
-                      beam_size_token=5, beam_threshold=15.0, progress=False)
-    assert len(tuned["grid"]) == 4 and tuned["beam_wer"] <= tuned["greedy_wer"]
+                      beam_size_token=5, beam_threshold=15.0, progress=False, blank_penalties=[0.0, 0.5])
+    assert len(tuned["grid"]) == 8 and tuned["beam_wer"] <= tuned["greedy_wer"]
+    assert {row["blank_penalty"] for row in tuned["grid"]} == {0.0, 0.5}
     store_decoder(folder, tone_lm, tuned)
     reloaded = asr.load_model(folder)
     assert reloaded.lm is not None and reloaded.decoding.beam_size == 20
     assert (reloaded.decoding.beam_size_token, reloaded.decoding.beam_threshold) == (5, 15.0)
     assert reloaded.decoding.lm_weight == tuned["beam"]["lm_weight"]
+    assert reloaded.decoding.blank_penalty == tuned["beam"]["blank_penalty"]
     assert reloaded.transcribe(files[0], decoder="beam").text == TEXTS[0]
 
 
@@ -201,12 +234,14 @@ def test_cli_passes_the_search_width_to_the_decoder():
     from asr.cli import _decoding_options, build_parser
 
     args = build_parser().parse_args(["evaluate", "--model", "m", "--manifest", "d.jsonl", "--decoder", "beam",
-                                      "--beam-size", "300", "--beam-size-token", "6", "--beam-threshold", "12"])
+                                      "--beam-size", "300", "--beam-size-token", "6", "--beam-threshold", "12",
+                                      "--blank-penalty", "1.5"])
     assert _decoding_options(args) == {"decoder": "beam", "beam_size": 300, "beam_size_token": 6,
-                                       "beam_threshold": 12.0}
+                                       "beam_threshold": 12.0, "blank_penalty": 1.5}
     tune = build_parser().parse_args(["lm", "tune", "--model", "m", "--lm", "l", "--manifest", "d.jsonl",
-                                      "--beam-size-token", "6", "--beam-threshold", "12"])
-    assert (tune.beam_size_token, tune.beam_threshold) == (6, 12.0)
+                                      "--beam-size-token", "6", "--beam-threshold", "12", "--blank-penalties", "0",
+                                      "1"])
+    assert (tune.beam_size_token, tune.beam_threshold, tune.blank_penalties) == (6, 12.0, [0.0, 1.0])
 
 
 def test_beam_width_bench_decodes_each_width_once_over_the_same_posteriors(trained_tiny_model, tone_corpus, tone_lm,
@@ -225,10 +260,14 @@ def test_beam_width_bench_decodes_each_width_once_over_the_same_posteriors(train
     assert audio_seconds > 0 and all(r["decode_seconds"] > 0 for r in rows)
     # the wide search finds the corpus's sentences, as transcribe's beam search does; a one-hypothesis beam need not
     assert rows[1]["wer"] == 0.0 and rows[1]["wer"] <= rows[0]["wer"]
-    assert "| 20:5:15 | 0.00% |" in bench.table(rows, audio_seconds)
+    assert "| 20:5:15 | 0.999 | 0.00% |" in bench.table(rows, audio_seconds)
     # other LMs over the same posteriors: each LM at each width, named with the size of its binary
     rows, _ = bench.measure(model, str(tone_corpus), widths[1:], lms=[tone_lm, tone_lm], lm_weight=1.0)
     assert [r["lm"] for r in rows] == [str(tone_lm)] * 2 and all(r["wer"] == 0.0 for r in rows)
     assert rows[0]["lm_mib"] == (Path(tone_lm) / "lm.bin").stat().st_size / 2**20 > 0
+    # every frame searched, or runs of sure blanks searched as one: the same text; the search's own value restored
+    rows, _ = bench.measure(model, str(tone_corpus), widths[1:], skip_blanks=[1.0, 0.999], lm_weight=1.0)
+    assert [r["skip_blank"] for r in rows] == [1.0, 0.999] and all(r["wer"] == 0.0 for r in rows)
+    assert beam_search.SKIP_BLANK == SKIP_BLANK
     with pytest.raises(Exception, match="BEAM:TOKENS:THRESHOLD"):
         bench.Width.parse("300:5")

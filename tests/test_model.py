@@ -42,6 +42,21 @@ def test_padding_never_leaks():
     assert torch.allclose(lp_batch[0, : lens[0]], lp_alone[0], atol=1e-5)
 
 
+def test_an_utterance_alone_runs_its_grus_unpacked(monkeypatch):
+    """Nothing is padded in a batch of one: its GRUs run without packing (faster, and the same posteriors, as
+    test_padding_never_leaks checks); a padded batch still packs."""
+    import asr.model
+
+    packed = []
+    real = asr.model.pack_padded_sequence
+    monkeypatch.setattr(asr.model, "pack_padded_sequence", lambda *a, **k: packed.append(1) or real(*a, **k))
+    model = DeepSpeech2(ModelConfig(**SMALL)).eval()
+    model(torch.randn(1, 8000), torch.tensor([8000]))
+    assert packed == []
+    model(torch.randn(2, 8000), torch.tensor([8000, 5000]))
+    assert len(packed) == SMALL["gru_layers"]
+
+
 def test_parameter_count_and_config_validation():
     model = DeepSpeech2(ModelConfig(**SMALL))
     assert model.num_parameters() == sum(p.numel() for p in model.parameters()) > 100_000

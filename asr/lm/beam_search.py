@@ -10,6 +10,12 @@ can finish a word on a repeated letter without the blank CTC needs between the t
 tokens "w i l"); over minutes of audio every hypothesis of the n-best list carries such a slip
 somewhere, and their tokens, glued together, used to be the answer. Now a slip stays within its piece,
 and a piece whose hypotheses all have one gives the best one's words.
+
+Within a piece, each run of frames where the blank is all but certain is searched as its first frame only: such
+frames do little but extend every hypothesis by a blank (speechocean762 dev's transcripts were the same), and
+the search takes less time (bench/beam_width.py --skip-blank). A blank
+penalty, subtracted from the blank's log-probability, lets the search spell letters the network hears but
+ranks below the blank (a CTC model's commonest error here is a dropped letter).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ NBEST = 4  # lexicon search: the best hypothesis whose tokens spell its words wi
 SURE_BLANK = 0.9  # a frame whose blank probability is above this has nothing said in it
 PAUSE_SECONDS = 1.0  # a run of sure blanks this long inside the audio always ends a piece
 PIECE_SECONDS = 30.0  # longer pieces are cut at their longest run of sure blanks
+SKIP_BLANK = 0.999  # a run of frames whose blank probability is above this is searched as its first frame
 
 Emitted = tuple[str, int, float]  # a character, its frame and its posterior
 
@@ -40,6 +47,13 @@ def _sure_blank_runs(log_probs: torch.Tensor, blank: int) -> list[tuple[int, int
     """(start, end) frames of each run of sure blanks in emissions (frames, vocab)."""
     edges = torch.nn.functional.pad((log_probs[:, blank] > math.log(SURE_BLANK)).int(), (1, 1)).diff()
     return list(zip((edges == 1).nonzero().squeeze(1).tolist(), (edges == -1).nonzero().squeeze(1).tolist()))
+
+
+def searched_frames(log_probs: torch.Tensor, blank: int) -> torch.Tensor:
+    """Indices of the frames of emissions (frames, vocab) that the search needs: all but the second and later
+    frames of each run whose blank probability is above SKIP_BLANK (the first still parts two equal letters)."""
+    skip = log_probs[:, blank] > math.log(SKIP_BLANK)
+    return (~(skip & torch.nn.functional.pad(skip[:-1], (1, 0)))).nonzero().squeeze(1)
 
 
 def speech_pieces(log_probs: torch.Tensor, blank: int, pause_frames: int, max_frames: int) -> list[tuple[int, int]]:
@@ -171,8 +185,20 @@ class BeamSearchDecoder:
 
         Lexicon search takes the best hypothesis whose tokens spell its words, else the best one's words.
         """
-        hyps = self._decoder(emissions[None], torch.tensor([len(emissions)], dtype=torch.int32))[0]
-        return self._best_emitted(hyps, emissions)
+        kept = searched_frames(emissions, self.vocab.blank)
+        searched = self._penalized(emissions[kept])
+        hyps = self._decoder(searched[None], torch.tensor([len(searched)], dtype=torch.int32))[0]
+        frames = kept.tolist()
+        return [(c, frames[f], p) for c, f, p in self._best_emitted(hyps, searched)]
+
+    def _penalized(self, emissions: torch.Tensor) -> torch.Tensor:
+        """The emissions the search scores: the blank's log-probability lowered by the blank penalty (a copy, or
+        the same tensor when there is none); the letters' posteriors, which give confidences, are unchanged."""
+        if not self.options.blank_penalty:
+            return emissions.contiguous()
+        searched = emissions.clone()
+        searched[:, self.vocab.blank] -= self.options.blank_penalty
+        return searched
 
     def _best_emitted(self, hyps: list, emissions: torch.Tensor) -> list[Emitted]:
         """What _decode_piece returns, from flashlight's n-best hypotheses over a piece's emissions."""
@@ -184,8 +210,10 @@ class BeamSearchDecoder:
 
     def _emitted(self, hyp, emissions: torch.Tensor) -> list[Emitted]:
         """A hypothesis's non-blank tokens with their frames and posteriors."""
-        last = len(emissions) - 1  # the closing separator may sit one frame past the end
-        ids, frames = hyp.tokens.tolist(), [min(int(t), last) for t in hyp.timesteps.tolist()]
+        # flashlight's path starts with the state before the first frame, so torchaudio's timesteps count one frame
+        # too many (and the closing separator's lies past the end)
+        last = len(emissions) - 1
+        ids, frames = hyp.tokens.tolist(), [min(max(int(t) - 1, 0), last) for t in hyp.timesteps.tolist()]
         return [(self.vocab.tokens[i], f, math.exp(float(emissions[f, i])))
                 for i, f in zip(ids, frames) if i != self.vocab.blank]
 
@@ -199,7 +227,7 @@ class BeamSearchDecoder:
     def step_piece(self, emissions: torch.Tensor) -> None:
         """Search on through the piece's next frames: emissions (frames, vocab)."""
         if len(emissions):
-            self._decoder.decode_step(emissions.detach().float().cpu().contiguous())
+            self._decoder.decode_step(self._penalized(emissions.detach().float().cpu()))
 
     def piece_so_far(self, emissions: torch.Tensor) -> list[Emitted]:
         """The characters the best hypothesis at the last frame searched emits (its last word may be unfinished);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from ..speech_activity import speech_frames
 
 DEFAULT_LM_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 DEFAULT_WORD_SCORES = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
+DEFAULT_BLANK_PENALTIES = (0.0, 1.0)
 
 
 Heard = list[tuple[torch.Tensor, float, torch.Tensor]]  # (log-probs, seconds, speech frames) per utterance
@@ -46,9 +48,10 @@ def transcripts(model: ASRModel, heard: Heard, decoding: DecodingOptions) -> lis
 def tune_beam(model: ASRModel, manifest: str | os.PathLike, lm_weights: Sequence[float] = DEFAULT_LM_WEIGHTS,
               word_scores: Sequence[float] = DEFAULT_WORD_SCORES, beam_size: int = 50,
               beam_size_token: int | None = DecodingOptions.beam_size_token,
-              beam_threshold: float = DecodingOptions.beam_threshold, progress: bool = True) -> dict:
-    """WER of every (alpha, beta) on `manifest` with the model's LM, at one search width (beam_size,
-    beam_size_token, beam_threshold: wider is slower and rarely worse, so it is chosen, not tuned);
+              beam_threshold: float = DecodingOptions.beam_threshold, progress: bool = True,
+              blank_penalties: Sequence[float] = DEFAULT_BLANK_PENALTIES) -> dict:
+    """WER of every (alpha, beta, blank penalty) on `manifest` with the model's LM, at one search width
+    (beam_size, beam_size_token, beam_threshold: wider is slower and rarely worse, so it is chosen, not tuned);
     returns the best and the whole grid."""
     if model.lm is None:
         raise ValueError("tuning needs a model loaded with a language model (load_model(path, lm=...))")
@@ -58,18 +61,18 @@ def tune_beam(model: ASRModel, manifest: str | os.PathLike, lm_weights: Sequence
     greedy_wer = error_rates(refs, transcripts(model, heard, model.options(decoder="greedy")[1])).wer
     grid = []
     best = None
-    for alpha in tqdm(lm_weights, desc="alpha", disable=not progress, leave=False):
-        for beta in word_scores:
-            decoding = model.options(decoder="beam", lm_weight=alpha, word_score=beta, beam_size=beam_size,
-                                     beam_size_token=beam_size_token, beam_threshold=beam_threshold,
-                                     lexicon=True, hotwords=[])[1]
-            start = time.perf_counter()
-            rates = error_rates(refs, transcripts(model, heard, decoding))
-            row = {"lm_weight": alpha, "word_score": beta, "wer": round(rates.wer, 5), "cer": round(rates.cer, 5),
-                   "decode_seconds": round(time.perf_counter() - start, 2)}
-            grid.append(row)
-            if best is None or row["wer"] < best[0]["wer"]:
-                best = (row, decoding)
+    settings = list(itertools.product(blank_penalties, lm_weights, word_scores))
+    for penalty, alpha, beta in tqdm(settings, desc="alpha, beta, blank penalty", disable=not progress, leave=False):
+        decoding = model.options(decoder="beam", lm_weight=alpha, word_score=beta, blank_penalty=penalty,
+                                 beam_size=beam_size, beam_size_token=beam_size_token, beam_threshold=beam_threshold,
+                                 lexicon=True, hotwords=[])[1]
+        start = time.perf_counter()
+        rates = error_rates(refs, transcripts(model, heard, decoding))
+        row = {"lm_weight": alpha, "word_score": beta, "blank_penalty": penalty, "wer": round(rates.wer, 5),
+               "cer": round(rates.cer, 5), "decode_seconds": round(time.perf_counter() - start, 2)}
+        grid.append(row)
+        if best is None or row["wer"] < best[0]["wer"]:
+            best = (row, decoding)
     assert best is not None
     return {"manifest": str(manifest), "utterances": len(utts), "greedy_wer": round(greedy_wer, 5),
             "beam_wer": best[0]["wer"], "beam": best[1].beam_settings(), "grid": grid}
