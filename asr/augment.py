@@ -1,4 +1,4 @@
-"""Waveform augmentation: speed, coloured noise, babble, room reverberation, microphone colouring,
+"""Waveform augmentation: speed, pitch, coloured noise, babble, room reverberation, microphone colouring,
 telephone channel, lossy re-encoding, level and leading silence.
 
 Used on the fly by the training Dataset (random draws from torch's RNG, which is seeded per loader
@@ -26,6 +26,8 @@ class AugmentOptions:
     """Which augmentations apply and how strongly. A `*_prob` is the share of utterances that get it."""
 
     speed_perturb: list[float] = field(default_factory=list)  # factors drawn uniformly, e.g. [0.9, 1.0, 1.1]
+    pitch_semitones: list[float] = field(default_factory=list)  # [min, max] shift, tempo kept, e.g. [-2, 4]
+    pitch_prob: float = 0.5
     noise_snr_db: list[float] = field(default_factory=list)  # [min, max], e.g. [10, 40]; empty: no noise
     noise_prob: float = 0.5
     noise_exponent: list[float] = field(default_factory=lambda: [-2.0, 1.0])  # colour: power ~ f**x, x in range
@@ -44,8 +46,8 @@ class AugmentOptions:
     lead_silence_ms: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for name in ("noise_snr_db", "noise_exponent", "babble_talkers", "babble_snr_db", "reverb_rt60", "gain_db",
-                     "lead_silence_ms"):
+        for name in ("pitch_semitones", "noise_snr_db", "noise_exponent", "babble_talkers", "babble_snr_db",
+                     "reverb_rt60", "gain_db", "lead_silence_ms"):
             value = getattr(self, name)
             if value and (len(value) != 2 or value[0] > value[1]):
                 raise ValueError(f"{name} is a [min, max] range, got {value}")
@@ -53,13 +55,17 @@ class AugmentOptions:
             raise ValueError(f"lead_silence_ms is a [min, max] range within 0 and 60000, got {self.lead_silence_ms}")
         if len(self.noise_exponent) != 2:
             raise ValueError("noise_exponent is a [min, max] range (-2 brown ... 0 white ... 1 blue)")
-        for name in ("noise_prob", "babble_prob", "reverb_prob", "eq_prob", "telephone_prob", "codec_prob"):
+        if self.pitch_semitones and not -12 <= self.pitch_semitones[0] <= self.pitch_semitones[1] <= 12:
+            raise ValueError(f"pitch_semitones is a [min, max] range within -12 and 12, got {self.pitch_semitones}")
+        for name in ("pitch_prob", "noise_prob", "babble_prob", "reverb_prob", "eq_prob", "telephone_prob",
+                     "codec_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
 
     @property
     def active(self) -> bool:
-        return bool(self.speed_perturb or (self.noise_snr_db and self.noise_prob) or self.babble_prob
+        return bool(self.speed_perturb or (self.pitch_semitones and self.pitch_prob)
+                    or (self.noise_snr_db and self.noise_prob) or self.babble_prob
                     or self.reverb_prob or self.eq_prob or self.telephone_prob or self.codec_prob or self.gain_db
                     or self.lead_silence_ms)
 
@@ -111,6 +117,20 @@ def reverberate(wave: torch.Tensor, rir: torch.Tensor) -> torch.Tensor:
     return wet * (wave.pow(2).mean().sqrt() / wet.pow(2).mean().sqrt().clamp_min(1e-8))
 
 
+def shift_pitch(wave: torch.Tensor, sample_rate: int, semitones: float, n_fft: int = 512) -> torch.Tensor:
+    """The waveform's pitch and formants moved by about `semitones` (to the nearest 200 Hz of resampling rate, which
+    keeps torchaudio's resampling fast), its length kept: time-stretched by the phase vocoder, then resampled."""
+    read_at = max(200, round(sample_rate * 2 ** (semitones / 12) / 200) * 200)
+    rate = sample_rate / read_at  # below 1 when raising the pitch: stretch longer first
+    hop, window = n_fft // 4, torch.hann_window(n_fft, device=wave.device)
+    spec = torch.stft(wave, n_fft, hop, window=window, return_complex=True)
+    advance = torch.linspace(0, math.pi * hop, spec.shape[-2], device=wave.device)[:, None]
+    stretched = torch.istft(AF.phase_vocoder(spec, rate, advance), n_fft, hop, window=window,
+                            length=round(len(wave) / rate))
+    out = AF.resample(stretched, read_at, sample_rate)
+    return torch.nn.functional.pad(out, (0, max(0, len(wave) - len(out))))[: len(wave)]
+
+
 def colour(wave: torch.Tensor, sample_rate: int, gain_db: float, generator: torch.Generator | None = None
            ) -> torch.Tensor:
     """A random microphone/channel: 1-3 peaking filters, a bass and a treble shelf, gains within ±gain_db."""
@@ -149,7 +169,7 @@ def reencode(wave: torch.Tensor, sample_rate: int, codec: tuple[str, str], compr
 
 
 class Augmenter:
-    """Applies AugmentOptions to a waveform: leading silence, speed, colouring, reverb, telephone, codec, then
+    """Applies AugmentOptions to a waveform: leading silence, speed, pitch, colouring, reverb, telephone, codec, then
     noise, babble, gain.
 
     `babble_source()` returns one random other utterance (16 kHz waveform) when babble is wanted.
@@ -177,6 +197,8 @@ class Augmenter:
             factor = o.speed_perturb[int(torch.randint(len(o.speed_perturb), (), generator=generator))]
             if factor != 1.0:  # resampling to rate/factor then playing at rate speeds up by factor
                 wave = AF.resample(wave, int(round(sr * factor)), sr)
+        if o.pitch_semitones and len(wave) > 512 and chance(o.pitch_prob):
+            wave = shift_pitch(wave, sr, uniform(*o.pitch_semitones))
         if chance(o.eq_prob):
             wave = colour(wave, sr, o.eq_gain_db, generator)
         if chance(o.reverb_prob):

@@ -21,7 +21,7 @@ from .model import ModelConfig
 
 @dataclass
 class DataConfig(AugmentOptions):
-    """Batching and loading; the augmentation fields (speed_perturb, noise_*, babble_*, reverb_*, eq_*,
+    """Batching and loading; the augmentation fields (speed_perturb, pitch_*, noise_*, babble_*, reverb_*, eq_*,
     telephone_prob, codec_prob, gain_db, lead_silence_ms) come from AugmentOptions."""
 
     max_batch_seconds: float = 200.0  # padded audio seconds per batch

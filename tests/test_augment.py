@@ -13,6 +13,7 @@ from asr.augment import (
     reencode,
     reverberate,
     room_impulse_response,
+    shift_pitch,
     telephone,
 )
 from asr.manifest import read_manifest
@@ -52,7 +53,8 @@ def test_coloured_noise_slopes(exponent, low_over_high):
 
 @pytest.mark.parametrize("bad", [dict(noise_snr_db=[10]), dict(reverb_rt60=[0.8, 0.2]), dict(codec_prob=1.5),
                                  dict(babble_talkers=[1, 2, 3]), dict(gain_db=[6, -30]), dict(gain_db=[-10]),
-                                 dict(lead_silence_ms=[-5, 100]), dict(lead_silence_ms=[300, 100])])
+                                 dict(lead_silence_ms=[-5, 100]), dict(lead_silence_ms=[300, 100]),
+                                 dict(pitch_semitones=[4, -2]), dict(pitch_semitones=[-20, 2]), dict(pitch_prob=2.0)])
 def test_options_are_checked(bad):
     with pytest.raises(ValueError):
         AugmentOptions(**bad)
@@ -136,6 +138,19 @@ def test_babble_mixes_other_talkers_at_the_asked_snr():
     out = Augmenter(opts, SR, babble_source=lambda: tone(300, 0.7))(clean)
     snr = 10 * math.log10(float(clean.pow(2).mean() / (out - clean).pow(2).mean()))
     assert abs(snr - 5) < 0.2
+
+
+@pytest.mark.parametrize("semitones", [-3.0, 2.0, 4.0])
+def test_pitch_shift_moves_a_tone_and_keeps_the_length(semitones):
+    wave = tone(200, seconds=2.0)
+    shifted = shift_pitch(wave, SR, semitones)
+    assert len(shifted) == len(wave)
+    middle = shifted[SR // 4: SR // 4 + SR]  # one second: 1 Hz bins
+    assert int(torch.fft.rfft(middle).abs().argmax()) == pytest.approx(200 * 2 ** (semitones / 12), abs=3)
+    # in the chain: a share pitch_prob of the utterances, by a draw within the range
+    augment = Augmenter(AugmentOptions(pitch_semitones=[semitones, semitones], pitch_prob=1.0), SR)
+    assert AugmentOptions(pitch_semitones=[-2, 4]).active
+    assert torch.equal(augment(wave, torch.Generator().manual_seed(0)), shifted)
 
 
 def test_the_whole_chain_is_deterministic_for_a_generator_and_never_clips():
