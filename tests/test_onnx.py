@@ -17,7 +17,14 @@ from asr.cli import main as cli_main  # noqa: E402
 from asr.features import FeatureConfig  # noqa: E402
 from asr.model import DeepSpeech2, ModelConfig  # noqa: E402
 from asr.serve import onnx_export  # noqa: E402
-from asr.serve.onnx_export import ONNX_FILE, ExportableNetwork, OnnxNetwork, export_onnx, noise_batch  # noqa: E402
+from asr.serve.onnx_export import (  # noqa: E402
+    ONNX_FILE,
+    ExportableNetwork,
+    OnnxNetwork,
+    export_onnx,
+    max_difference,
+    noise_batch,
+)
 
 from .conftest import TEXTS, tone_speech  # noqa: E402
 
@@ -137,3 +144,33 @@ def test_corrupt_or_stale_model_onnx_gives_clear_errors(model_dir, tmp_path, cap
     (folder / ONNX_FILE).unlink()
     with pytest.raises(CheckpointError, match="asr export"):
         asr.load_model(folder, device="cpu", backend="onnx")
+
+
+def test_onnxruntime_threads_do_not_spin_between_runs(model_dir):
+    """Spinning threads compete with torch's (features, speech check) for the cores between utterances."""
+    def spins(network: OnnxNetwork) -> list[str]:
+        options = network.session.get_session_options()
+        return [options.get_session_config_entry(f"session.{pool}.allow_spinning") for pool in ("intra_op", "inter_op")]
+
+    assert spins(asr.load_model(model_dir, device="cpu").onnx) == ["0", "0"]
+    assert spins(OnnxNetwork(model_dir / ONNX_FILE, spinning=True)) == ["1", "1"]
+
+
+def test_weights_exact_in_fp16_are_stored_as_fp16(model_dir, tmp_path):
+    import onnx
+    from onnx import TensorProto
+
+    half = tmp_path / "half"
+    model, vocab, _ = load_model_files(model_dir, "cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())  # what a shipped (fp16) model loads
+    save_model(half, model, vocab)
+    export_onnx(half)
+    graph = onnx.load(str(half / ONNX_FILE)).graph
+    halves = [i.name for i in graph.initializer if i.data_type == TensorProto.FLOAT16]
+    casts = [n.input[0] for n in graph.node if n.op_type == "Cast" and n.input[0] in halves]
+    assert halves and sorted(casts) == sorted(halves)
+    assert (half / ONNX_FILE).stat().st_size < 0.75 * (model_dir / ONNX_FILE).stat().st_size
+    assert not any(i.data_type == TensorProto.FLOAT16 for i in onnx.load(str(model_dir / ONNX_FILE)).graph.initializer)
+    assert max_difference(model, OnnxNetwork(half / ONNX_FILE), *noise_batch([4001, 9999], seed=3)) < 1e-4

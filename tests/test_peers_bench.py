@@ -126,4 +126,5 @@ def test_one_system_runs_or_says_why_not(tmp_path, trained_tiny_model):
     args.model = str(trained_tiny_model)
     results = peers.run_one_system("ours", args, clips)
     assert [r.name for r in results][0] == "ours (greedy)"
+    assert results[0].settings["network"] == "torch int8"  # what ran the network: this folder has no model.onnx
     assert all(len(r.hypotheses) == 2 and r.audio_seconds > 0 for r in results)

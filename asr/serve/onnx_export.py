@@ -14,6 +14,8 @@ valid frames, and batches still run whole. (The TorchScript exporter can turn pa
 ONNX GRU sequence lengths, as fast, but through an undocumented path it warns lacks shape inference.)
 A unidirectional model's GRUs run as they are: their padding already comes after the valid frames, and
 the lookahead convolution zeroes it before reading ahead.
+Weights that fp16 holds exactly (a shipped model's: packaging.py) are stored as fp16 and cast back to
+fp32 when onnxruntime loads the graph: half the file, the same numbers.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,6 +33,9 @@ from torch import nn
 from ..checkpoint import MODEL_WEIGHTS, CheckpointError, load_model_files
 from ..files import replaced_atomically
 from ..model import DeepSpeech2, GRULayer
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,7 @@ BACKENDS = ("auto", "onnx", "torch")
 OPSET = 17
 WEIGHTS_KEY = "asr.weights_sha256"  # metadata: which model.safetensors the graph was exported from
 INPUTS, OUTPUTS = ["features", "frames"], ["log_probs", "out_frames"]
+HALF_MIN_ELEMENTS = 1024  # smaller fp16-exact initializers stay fp32: a Cast node each is not worth their bytes
 MISSING_PACKAGES = "ONNX export and inference need onnx and onnxruntime: pip install 'asr[onnx]'"
 
 
@@ -148,6 +155,7 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
                               dynamic_axes={"features": {0: "batch", 2: "time"}, "frames": {0: "batch"},
                                             "log_probs": {0: "batch", 1: "out_time"}, "out_frames": {0: "batch"}})
         graph = onnx.load(str(tmp))
+        store_exact_halves(graph)
         onnx.helper.set_model_props(graph, {WEIGHTS_KEY: weights_digest(model_dir)})
         onnx.save(graph, str(tmp))
         check = noise_batch([5 * hop + 11, 83 * hop, 41 * hop + 101], seed=1)  # another batch size and lengths
@@ -155,6 +163,29 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
         if not difference <= tolerance:
             raise RuntimeError(f"{out}: exported graph differs from torch by {difference:.2e} (> {tolerance})")
     return out
+
+
+def store_exact_halves(model: onnx.ModelProto) -> int:
+    """Store each float32 initializer of at least HALF_MIN_ELEMENTS values that fp16 holds exactly as fp16,
+    behind a Cast to float32 under its old name (onnxruntime folds the Cast when it loads the graph), in place.
+    Returns how many were stored so. Weights trained in fp32 are rarely exact in fp16 and stay as they are."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    casts = []
+    for init in model.graph.initializer:
+        if init.data_type != TensorProto.FLOAT:
+            continue
+        values = numpy_helper.to_array(init)
+        half = values.astype(np.float16)
+        if values.size < HALF_MIN_ELEMENTS or not np.array_equal(half.astype(np.float32), values):
+            continue
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(half, f"{name}.fp16"))
+        casts.append(helper.make_node("Cast", [init.name], [name], to=TensorProto.FLOAT, name=f"{name}.to_fp32"))
+    for i, node in enumerate(casts):  # first: the graph stays in topological order
+        model.graph.node.insert(i, node)
+    return len(casts)
 
 
 def max_difference(model: DeepSpeech2, onnx_network: OnnxNetwork, waves: torch.Tensor, lengths: torch.Tensor
@@ -171,7 +202,7 @@ def max_difference(model: DeepSpeech2, onnx_network: OnnxNetwork, waves: torch.T
 class OnnxNetwork:
     """An exported network run by onnxruntime on the CPU, called like ExportableNetwork."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, spinning: bool = False):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -180,6 +211,11 @@ class OnnxNetwork:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.log_severity_level = 3  # errors only
+        # onnxruntime's threads spin for a while after each run by default; torch's threads (the features, the
+        # speech check) then compete with them for the cores: one utterance at a time, the network ran slower
+        # than torch's (bench/README.md, "CPU inference"). `spinning` keeps onnxruntime's default.
+        for pool in ("intra_op", "inter_op"):
+            options.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if spinning else "0")
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf / NoSuchFile types

@@ -1,11 +1,13 @@
 """The model that ships inside the package: `asr.load_model()` with no path loads it, offline.
 
-It lives in `asr/default_model/` (package data): fp16 safetensors weights, model.json, and when
-it has one, its language model `lm/` and tuned beam settings `decoder.json`.
+It lives in `asr/default_model/` (package data): fp16 safetensors weights, model.json, the network as
+model.onnx (onnxruntime runs it on the CPU), and when it has one, its language model `lm/` and tuned beam
+settings `decoder.json`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import DECODER_FILE, LM_DIR, MODEL_META, MODEL_WEIGHTS, CheckpointError
 from ..files import write_dir_atomically
+from .onnx_export import MISSING_PACKAGES, export_onnx
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
 
@@ -24,11 +27,14 @@ def default_model_dir() -> Path | None:
 
 
 def ship_model(model_dir: str | os.PathLike, dest: str | os.PathLike = DEFAULT_MODEL_DIR,
-               lm: str | os.PathLike | None = None) -> int:
+               lm: str | os.PathLike | None = None, onnx: bool = True) -> int:
     """Copy a trained model folder to `dest` with fp16 weights (half the size; loading casts back).
 
-    The LM comes from `lm`, else the folder's own lm/; decoder.json comes along. Returns the bytes written.
+    The LM comes from `lm`, else the folder's own lm/; decoder.json comes along. With `onnx`, the fp16
+    network is exported beside them as model.onnx (needs the onnx package). Returns the bytes written.
     """
+    if onnx and importlib.util.find_spec("onnx") is None:
+        raise ImportError(f"ship_model(onnx=True) exports model.onnx: {MISSING_PACKAGES}")
     src = Path(model_dir)
     for f in (src / MODEL_WEIGHTS, src / MODEL_META):
         if not f.is_file():
@@ -44,6 +50,8 @@ def ship_model(model_dir: str | os.PathLike, dest: str | os.PathLike = DEFAULT_M
             shutil.copy2(src / DECODER_FILE, tmp / DECODER_FILE)
         if lm_dir is not None:
             shutil.copytree(lm_dir, tmp / LM_DIR)
+        if onnx:
+            export_onnx(tmp)
 
     write_dir_atomically(Path(dest), write)
     return sum(f.stat().st_size for f in Path(dest).rglob("*") if f.is_file())

@@ -25,7 +25,7 @@ from ..lm.language_model import LanguageModel
 from ..model import DeepSpeech2
 from ..speech_activity import SPEECH_HOP, keep_spoken_words, speech_frames
 from ..text import Vocabulary
-from .onnx_export import OnnxNetwork, load_onnx_network
+from .onnx_export import BACKEND_ENV, OnnxNetwork, load_onnx_network
 from .packaging import default_model_dir
 from .streaming import Streamer
 
@@ -320,9 +320,11 @@ def load_model(path: str | os.PathLike | None = None, device: str = "auto",
     ships with the package. The language model for beam search is `lm`, else the model folder's own
     `lm/` (see `asr lm tune`); the beam settings tuned for it come from the folder's decoder.json.
     `backend` ("auto", "onnx", "torch"; default $ASR_BACKEND or "auto"): on the CPU, "auto" runs the
-    network with onnxruntime when the folder has an up-to-date model.onnx (`asr export`), else torch.
+    network with onnxruntime when the folder has an up-to-date model.onnx (`asr export`; the shipped model
+    has one) and int8 is not asked for, else torch.
     `precision` ("auto", "int8", "fp32"; default $ASR_PRECISION or "auto"): "auto" is int8 (`quantize_int8`,
-    about 1.9x faster for +0.06 WER points, bench/README.md) where torch runs the network on the CPU, else fp32.
+    about 1.9x faster for +0.06 WER points, bench/README.md) where torch runs the network on the CPU, else fp32
+    (onnxruntime runs fp32 only).
     """
     if path is None:
         path = os.environ.get(DEFAULT_MODEL_ENV) or default_model_dir()
@@ -332,6 +334,9 @@ def load_model(path: str | os.PathLike | None = None, device: str = "auto",
     path = Path(path)
     asked = _asked_precision(precision)
     model, vocab, meta = load_model_files(path, resolve_device(device))
+    backend = backend or os.environ.get(BACKEND_ENV) or "auto"
+    if backend == "auto" and asked == "int8":  # only torch quantizes
+        backend = "torch"
     onnx = load_onnx_network(path, backend, next(model.parameters()).device)
     precision = _network_precision(asked, next(model.parameters()).device, onnx)
     try:

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         model = load_model(result.best_dir, device=str(trainer.device))
         dev = evaluate_manifest(model, args.pack / "dev.jsonl", args.exp / "eval" / "dev",
                                 progress=not args.no_progress)
-        ship_model(result.best_dir, args.exp / "fp16")  # half the bytes to bring back
+        ship_model(result.best_dir, args.exp / "fp16", onnx=False)  # half the bytes to bring back
         for name in COPIED:
             copy_file(args.exp / name, args.out / Path(name).name)
         results = {
