@@ -231,6 +231,14 @@ class OnnxNetwork:
         return torch.from_numpy(log_probs), torch.from_numpy(out_frames)
 
 
+def resolve_backend(backend: str | None) -> str:
+    """The backend asked for: `backend`, else $ASR_BACKEND, else "auto"; checked against BACKENDS."""
+    backend = backend or os.environ.get(BACKEND_ENV) or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
 def load_onnx_network(model_dir: str | os.PathLike, backend: str | None = None,
                       device: torch.device | str = "cpu") -> OnnxNetwork | None:
     """The folder's model.onnx for onnxruntime, or None where torch should run the network.
@@ -240,9 +248,7 @@ def load_onnx_network(model_dir: str | os.PathLike, backend: str | None = None,
     and the graph was exported from the folder's current weights; else None. A model.onnx that
     cannot be read is an error in both "onnx" and "auto".
     """
-    backend = backend or os.environ.get(BACKEND_ENV) or "auto"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    backend = resolve_backend(backend)
     path = Path(model_dir) / ONNX_FILE
     if backend == "torch":
         return None

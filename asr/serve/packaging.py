@@ -7,7 +7,6 @@ settings `decoder.json`.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import DECODER_FILE, LM_DIR, MODEL_META, MODEL_WEIGHTS, CheckpointError
 from ..files import write_dir_atomically
-from .onnx_export import MISSING_PACKAGES, export_onnx
+from .onnx_export import export_onnx
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
 
@@ -31,10 +30,9 @@ def ship_model(model_dir: str | os.PathLike, dest: str | os.PathLike = DEFAULT_M
     """Copy a trained model folder to `dest` with fp16 weights (half the size; loading casts back).
 
     The LM comes from `lm`, else the folder's own lm/; decoder.json comes along. With `onnx`, the fp16
-    network is exported beside them as model.onnx (needs the onnx package). Returns the bytes written.
+    network is exported beside them as model.onnx (needs the onnx package: without it, an ImportError and `dest`
+    untouched). Returns the bytes written.
     """
-    if onnx and importlib.util.find_spec("onnx") is None:
-        raise ImportError(f"ship_model(onnx=True) exports model.onnx: {MISSING_PACKAGES}")
     src = Path(model_dir)
     for f in (src / MODEL_WEIGHTS, src / MODEL_META):
         if not f.is_file():

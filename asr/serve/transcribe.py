@@ -25,7 +25,7 @@ from ..lm.language_model import LanguageModel
 from ..model import DeepSpeech2
 from ..speech_activity import SPEECH_HOP, keep_spoken_words, speech_frames
 from ..text import Vocabulary
-from .onnx_export import BACKEND_ENV, OnnxNetwork, load_onnx_network
+from .onnx_export import OnnxNetwork, load_onnx_network, resolve_backend
 from .packaging import default_model_dir
 from .streaming import Streamer
 
@@ -334,7 +334,7 @@ def load_model(path: str | os.PathLike | None = None, device: str = "auto",
     path = Path(path)
     asked = _asked_precision(precision)
     model, vocab, meta = load_model_files(path, resolve_device(device))
-    backend = backend or os.environ.get(BACKEND_ENV) or "auto"
+    backend = resolve_backend(backend)
     if backend == "auto" and asked == "int8":  # only torch quantizes
         backend = "torch"
     onnx = load_onnx_network(path, backend, next(model.parameters()).device)
