@@ -296,6 +296,41 @@ class DeepSpeech2(nn.Module):
             raise ValueError(f"load_forward_direction: the models' sizes differ (missing {missing}, "
                              f"unexpected {unexpected})")
 
+    @torch.no_grad()
+    def load_widened(self, source: DeepSpeech2, noise: float = 0.0, seed: int = 0) -> None:
+        """Start from a model of the same settings but k times narrower GRUs (Net2Net's wider network, Chen et
+        al. 2016): each hidden unit is copied k times and whatever reads the copies reads each at 1/k, so this
+        model computes what the source does (a LayerNorm that sees each value k times keeps their mean and
+        variance). `noise`: Gaussian noise, this fraction of each widened matrix's standard deviation, to set
+        the copies apart (dropout does too); the outputs are then only close to the source's."""
+        narrow, wide = source.config.gru_hidden, self.config.gru_hidden
+        if wide <= narrow or wide % narrow:
+            raise ValueError(f"load_widened: gru_hidden {wide} is not a multiple of the source's {narrow}")
+        k = wide // narrow
+        units = torch.arange(wide) % narrow  # wide unit -> the narrow unit it copies
+        gates = torch.cat([g * narrow + units for g in range(3)])  # GRU rows: reset, update and new gates
+        generator = torch.Generator().manual_seed(seed)
+
+        def widened(name: str, value: torch.Tensor) -> torch.Tensor:
+            reads_hidden = name.startswith("head.") or (name.startswith("rnns.") and not name.startswith("rnns.0."))
+            if ".gru." in name:
+                value = value[gates]
+                if ".weight_hh" in name or (reads_hidden and ".weight_ih" in name):
+                    value = value[:, units] / k
+            elif name == "head.1.weight":
+                value = value[:, units] / k
+            elif name.startswith(("head.0.", "lookahead.")) or (reads_hidden and ".norm." in name):
+                value = value[units]
+            return value
+
+        state = source.state_dict()
+        for name, value in state.items():
+            if name.startswith(("rnns.", "head.", "lookahead.")):
+                state[name] = widened(name, value)
+                if noise and value.dim() > 1 and state[name].shape != value.shape:
+                    state[name] += noise * value.std() * torch.randn(state[name].shape, generator=generator)
+        self.load_state_dict(state)
+
     def num_parameters(self) -> int:
         """The network's size, from its configuration: int8-quantized layers (quantize_int8) hold their weights
         outside `parameters()`, and count too."""

@@ -153,3 +153,34 @@ def test_vocal_tract_length_perturbation_only_in_training():
     for bad in ([1.1, 0.9], [0.9], [0.2, 1.0]):
         with pytest.raises(ValueError, match="vtlp_warp"):
             FeatureConfig(vtlp_warp=bad)
+
+
+@pytest.mark.parametrize("one_way", [False, True])
+def test_a_widened_model_computes_what_its_source_does(one_way):
+    """Net2Net widening: k copies of every GRU unit, read at 1/k each, give the source's outputs; noise sets them
+    apart; a width that is no multiple of the source's is refused."""
+    torch.manual_seed(0)
+    extra = ONE_WAY if one_way else {}
+    source = DeepSpeech2(ModelConfig(gru_layers=3, gru_hidden=32, **extra))
+    with torch.no_grad():  # a lookahead and LayerNorms that are not their initial identity, BatchNorm statistics
+        for name, p in source.named_parameters():
+            if name.startswith(("lookahead.", "head.0.")) or ".norm." in name:
+                p.add_(0.3 * torch.randn_like(p))
+    source.train()
+    source(torch.randn(2, 8000), torch.tensor([8000, 6000]))  # moves the BatchNorm running statistics
+    source.eval()
+    wide = DeepSpeech2(ModelConfig(gru_layers=3, gru_hidden=96, **extra)).eval()
+    wide.load_widened(source)
+    waves, lengths = torch.randn(3, 12000), torch.tensor([12000, 7000, 3000])
+    with torch.no_grad():
+        expected, frames = source(waves, lengths)
+        got, wide_frames = wide(waves, lengths)
+    assert torch.equal(frames, wide_frames)
+    assert (got - expected).abs().max() < 1e-4
+    assert wide.rnns[1].gru.weight_hh_l0.shape == (3 * 96, 96)
+    wide.load_widened(source, noise=0.01, seed=1)
+    with torch.no_grad():
+        noisy, _ = wide(waves, lengths)
+    assert 1e-4 < (noisy - expected).abs().max() < 0.5
+    with pytest.raises(ValueError, match="not a multiple"):
+        DeepSpeech2(ModelConfig(gru_layers=3, gru_hidden=48, **extra)).load_widened(source)

@@ -128,7 +128,7 @@ def test_a_one_way_model_starts_from_a_bidirectional_ones_forward_direction(trai
     one_way = ["model.bidirectional=false", "model.lookahead_frames=2", "model.features.normalization=running_level",
                "model.end_silence_ms=100"]
     config = load_config(None, TINY_OVERRIDES + one_way + [f"train.init_from={trained_tiny_model}", "train.lr=0",
-                                                           "train.max_steps=1"])
+                                                           "train.max_steps=1", "train.ema_decay=0.9"])
     result = Trainer(config, tone_corpus, tone_corpus, tmp_path / "ft", progress=False).fit()
     tuned = load_file(result.best_dir / "model.safetensors")
     statistics = ("num_batches_tracked", "running_mean", "running_var")
@@ -138,6 +138,23 @@ def test_a_one_way_model_starts_from_a_bidirectional_ones_forward_direction(trai
     assert tuned["features.mean"].abs().sum() > 0  # its own global statistics (the source had per-utterance ones)
     config = load_config(None, TINY_OVERRIDES + one_way + [f"train.init_from={trained_tiny_model}",
                                                            "model.gru_hidden=24"])
+    with pytest.raises(CheckpointError, match="gru_hidden"):
+        Trainer(config, tone_corpus, tone_corpus, tmp_path / "bad", progress=False).fit()
+
+
+def test_a_wider_model_starts_from_a_narrower_ones_units(trained_tiny_model, tone_corpus, tmp_path):
+    """train.init_from into gru_hidden twice the source's: the units are copied (Net2Net), so the accuracy carries
+    over; a width that is no multiple of the source's is refused."""
+    from asr.checkpoint import CheckpointError
+
+    config = load_config(None, TINY_OVERRIDES + [f"train.init_from={trained_tiny_model}", "model.gru_hidden=192",
+                                                 "train.lr=0", "train.max_steps=1", "train.ema_decay=0.9"])
+    trainer = Trainer(config, tone_corpus, tone_corpus, tmp_path / "wide", progress=False)
+    result = trainer.fit()
+    wide = load_file(result.best_dir / "model.safetensors")
+    assert wide["rnns.0.gru.weight_hh_l0"].shape == (3 * 192, 192)
+    assert result.best_wer == 0.0  # the trained model's accuracy carries over
+    config = load_config(None, TINY_OVERRIDES + [f"train.init_from={trained_tiny_model}", "model.gru_hidden=144"])
     with pytest.raises(CheckpointError, match="gru_hidden"):
         Trainer(config, tone_corpus, tone_corpus, tmp_path / "bad", progress=False).fit()
 

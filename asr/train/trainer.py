@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 # what a one-way model may set differently from the bidirectional model it starts from (train.init_from)
 ONE_WAY_START_KEYS = {"bidirectional", "lookahead_frames", "end_silence_ms", "features.normalization",
                       "features.level_window_ms", "features.level_prior_ms"}
+WIDEN_NOISE = 1e-3  # a model that starts wider than its source (train.init_from): noise on the copied weights
 
 
 @torch.no_grad()
@@ -187,25 +188,31 @@ class Trainer:
 
     def init_weights(self, folder: Path) -> None:
         """Start from another model's weights (fine-tuning); its architecture and vocabulary must match, except
-        that a one-way (streaming) model may start from a bidirectional one's forward direction."""
+        that a one-way (streaming) model may start from a bidirectional one's forward direction, and a model
+        whose gru_hidden is a multiple of the source's starts from its units copied (DeepSpeech2.load_widened)."""
         source, vocab, _ = load_model_files(folder, "cpu")
         if vocab.tokens != self.vocab.tokens:
             raise CheckpointError(f"{folder}: its vocabulary differs from this run's")
-        one_way_start = source.config.bidirectional and not self.config.model.bidirectional
-        differ = sorted(set(architecture_differences(self.config.model, source.config))
-                        - (ONE_WAY_START_KEYS if one_way_start else set()))
+        mine, theirs = self.config.model, source.config
+        one_way_start = theirs.bidirectional and not mine.bidirectional
+        widen = mine.gru_hidden > theirs.gru_hidden and mine.gru_hidden % theirs.gru_hidden == 0 and not one_way_start
+        differ = sorted(set(architecture_differences(mine, theirs)) - (ONE_WAY_START_KEYS if one_way_start else set())
+                        - ({"gru_hidden"} if widen else set()))
         if differ:
             raise CheckpointError(f"{folder}: cannot initialise from it, model settings differ: {', '.join(differ)}")
         if one_way_start:
             self.model.load_forward_direction(source)
-            if self.config.model.features.normalization in GLOBAL_STATISTICS:
+            if mine.features.normalization in GLOBAL_STATISTICS:
                 compute_global_stats(self.model, self.train_utts, seed=self.config.train.seed, progress=self.progress)
+        elif widen:
+            self.model.load_widened(source, noise=WIDEN_NOISE, seed=self.config.train.seed)
         else:
             self.model.load_state_dict(source.state_dict())
         if self.ema is not None:
-            self.ema.module.load_state_dict(source.state_dict())
+            self.ema.module.load_state_dict(self.model.state_dict())
         if self.dist.is_main:
-            print(f"initialised from {folder}", flush=True)
+            grown = f", its GRUs widened from {theirs.gru_hidden} to {mine.gru_hidden}" if widen else ""
+            print(f"initialised from {folder}{grown}", flush=True)
 
     # ---------------------------------------------------------------- checkpoints
     @property
