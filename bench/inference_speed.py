@@ -181,7 +181,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
             ASRModel(model.model, model.vocab, onnx=OnnxNetwork(onnx_file, threads=threads, spinning=True)),
             threads, nullcontext)
     else:
-        print("onnxruntime not installed: no onnx rows (pip install -e '.[onnx]')")
+        print("onnxruntime not installed: no onnx rows (a dependency: pip install -e .)")
     best: dict[str, tuple[float, float]] = {}
     texts: dict[str, list[str]] = {}
     for _ in range(args.rounds):

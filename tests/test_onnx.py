@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 pytest.importorskip("onnx", reason="onnx is not installed (pip install 'asr[onnx]')")
-pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'asr[onnx]')")
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (a dependency: pip install -e .)")
 
 import asr  # noqa: E402
 from asr.checkpoint import MODEL_WEIGHTS, CheckpointError, load_model_files, save_model  # noqa: E402

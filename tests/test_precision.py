@@ -71,7 +71,7 @@ def test_unknown_values_and_int8_off_the_torch_cpu_are_clear_errors(tiny_folder)
 @pytest.fixture(scope="module")
 def onnx_folder(tmp_path_factory):
     pytest.importorskip("onnx", reason="onnx is not installed (pip install 'asr[onnx]')")
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'asr[onnx]')")
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (a dependency: pip install -e .)")
     from asr.serve.onnx_export import export_onnx
 
     folder = tmp_path_factory.mktemp("precision_onnx") / "model"

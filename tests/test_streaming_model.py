@@ -267,7 +267,7 @@ def test_tiny_unidirectional_model_trains_and_transcribes(tone_corpus, tmp_path)
 
 def test_onnx_export_of_a_unidirectional_model_matches_torch(tmp_path):
     pytest.importorskip("onnx", reason="onnx is not installed (pip install 'asr[onnx]')")
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'asr[onnx]')")
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (a dependency: pip install -e .)")
     from asr.serve.onnx_export import ONNX_FILE, OnnxNetwork, export_onnx
 
     model = one_way([[5, 11], [3, 5]], [[2, 2], [1, 2]], 2, end_silence_ms=100)

@@ -46,7 +46,8 @@ OPSET = 17
 WEIGHTS_KEY = "asr.weights_sha256"  # metadata: which model.safetensors the graph was exported from
 INPUTS, OUTPUTS = ["features", "frames"], ["log_probs", "out_frames"]
 HALF_MIN_ELEMENTS = 1024  # smaller fp16-exact initializers stay fp32: a Cast node each is not worth their bytes
-MISSING_PACKAGES = "ONNX export and inference need onnx and onnxruntime: pip install 'asr[onnx]'"
+MISSING_ONNX = "ONNX export needs the onnx package: pip install 'asr[onnx]'"
+MISSING_ONNXRUNTIME = "running model.onnx needs onnxruntime, one of asr's dependencies: pip install onnxruntime"
 
 
 def onnxruntime_available() -> bool:
@@ -140,7 +141,7 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike | None = No
     try:
         import onnx
     except ImportError:
-        raise ImportError(MISSING_PACKAGES) from None
+        raise ImportError(MISSING_ONNX) from None
     model_dir = Path(model_dir)
     model, _, _ = load_model_files(model_dir, "cpu")
     out = Path(out) if out is not None else model_dir / ONNX_FILE
@@ -206,7 +207,7 @@ class OnnxNetwork:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise ImportError(MISSING_PACKAGES) from None
+            raise ImportError(MISSING_ONNXRUNTIME) from None
         self.path = Path(path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
