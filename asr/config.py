@@ -60,6 +60,8 @@ class TrainConfig:
     grad_accumulation: int = 1  # batches per optimiser step (per process)
     init_from: str = ""  # a model folder (e.g. a pretrained OUT/best) whose weights start a fresh run
     ema_decay: float = 0.0  # >0: evaluate and keep an exponential moving average of the weights (e.g. 0.998)
+    consistency_weight: float = 0.0  # >0: CR-CTC: each utterance twice, differently augmented, the two views'
+    # posteriors pulled together with this weight (e.g. 0.2; asr/train/consistency.py); twice the compute per step
     compile: bool = False  # torch.compile the convolutional front (dynamic shapes)
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
     eval_every_steps: int = 0  # 0: at the end of every epoch
@@ -81,6 +83,7 @@ class TrainConfig:
         check_number("grad_clip", self.grad_clip, 0, 1e12, above_low=True)
         check_number("grad_accumulation", self.grad_accumulation, 1, 100_000, integer=True)
         check_number("ema_decay", self.ema_decay, 0, 1)
+        check_number("consistency_weight", self.consistency_weight, 0, 1000)
         if self.ema_decay == 1:
             raise ValueError("ema_decay: must be below 1 (1 never updates the average), got 1")
         check_number("log_every_steps", self.log_every_steps, 1, 10**12, integer=True)

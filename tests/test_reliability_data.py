@@ -261,14 +261,16 @@ def test_a_training_set_with_nothing_trainable_is_a_manifest_error(tmp_path, cap
 
 
 @pytest.mark.slow
-def test_a_rank_with_no_readable_utterance_takes_the_same_step_as_one_process(tmp_path, reliability):
+@pytest.mark.parametrize("consistency", [[], ["train.consistency_weight=0.5"]], ids=["ctc", "cr-ctc"])
+def test_a_rank_with_no_readable_utterance_takes_the_same_step_as_one_process(tmp_path, reliability, consistency):
     """Under DDP a rank whose batch failed to load joins the step with zero gradients: two processes log the
-    losses and gradient norms of one process accumulating both batches (which skips the empty one)."""
+    losses and gradient norms of one process accumulating both batches (which skips the empty one), with and
+    without CR-CTC's second view (the same as the first here: no augmentation, whose draws differ by process)."""
     train = write_tone_corpus(tmp_path / "c")
     _add_line(train, _nan_wav(tmp_path / "c" / "bad.wav"), "ace", duration=0.41)  # alone in rank 1's 2nd batch
     dev = _copy(train, "dev.jsonl")
     dev.write_text("".join(line for line in dev.read_text().splitlines(True) if "bad.wav" not in line))
-    overrides = QUICK + ["data.max_batch_seconds=0.8", "train.log_every_steps=1", "data.num_workers=1"]
+    overrides = QUICK + ["data.max_batch_seconds=0.8", "train.log_every_steps=1", "data.num_workers=1", *consistency]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = {}
     for name, launch, extra in [("one", ["-m", "asr.cli"], ["train.grad_accumulation=2"]),
@@ -281,7 +283,7 @@ def test_a_rank_with_no_readable_utterance_takes_the_same_step_as_one_process(tm
         logs[name] = _train_log(tmp_path / name)
     assert [r["step"] for r in logs["one"]] == [r["step"] for r in logs["two"]] == ["1", "2", "3"]
     for a, b in zip(logs["one"], logs["two"]):
-        for key in ("loss", "grad_norm"):
+        for key in ("loss", "grad_norm", "consistency")[:3 if consistency else 2]:
             assert abs(float(a[key]) - float(b[key])) <= 1e-3 * float(a[key]) + 1e-4, (key, a, b)
     reliability("audio that fails to decode under DDP (a rank's whole batch)", "CLI (torchrun)",
                 "skipped with a warning; that rank joins the step with zero gradients, no hang")

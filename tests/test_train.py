@@ -159,6 +159,52 @@ def test_a_wider_model_starts_from_a_narrower_ones_units(trained_tiny_model, ton
         Trainer(config, tone_corpus, tone_corpus, tmp_path / "bad", progress=False).fit()
 
 
+def test_consistency_loss_pulls_each_view_towards_the_other_over_real_frames_only():
+    """CR-CTC's term: the symmetric KL of the two views, padding frames left out, each target view detached, so
+    view a's gradient is that of KL(b || a) / 2 alone: -exp(b) / 2 on its real frames, 0 on padding."""
+    from asr.train.consistency import consistency_loss
+
+    torch.manual_seed(0)
+    a = torch.randn(2, 5, 4).log_softmax(-1).requires_grad_()
+    b = torch.randn(2, 5, 4).log_softmax(-1).requires_grad_()
+    lengths = torch.tensor([5, 3])
+    loss = consistency_loss(a, b, lengths)
+    pa, pb = a.exp(), b.exp()
+    expected = sum(0.5 * ((pb[i, :n] * (b[i, :n] - a[i, :n])).sum() + (pa[i, :n] * (a[i, :n] - b[i, :n])).sum())
+                   for i, n in enumerate(lengths.tolist()))
+    assert torch.allclose(loss, expected)
+    assert float(consistency_loss(a, a, lengths).detach()) == 0.0
+    loss.backward()
+    real = torch.arange(5)[None, :, None] < lengths[:, None, None]
+    assert torch.allclose(a.grad, torch.where(real, -0.5 * pb, 0.0).detach())
+    assert torch.allclose(b.grad, torch.where(real, -0.5 * pa, 0.0).detach())
+
+
+def test_consistency_regularised_training_is_ctc_when_both_views_are_the_same(tone_corpus, tmp_path):
+    """train.consistency_weight: each utterance is seen twice. Without augmentation or dropout the two views are
+    the same, the term is 0 and the steps are plain CTC's; with them, the term is logged and nonzero."""
+    steps = ["train.max_steps=3", "train.eval_every_steps=100", "train.log_every_steps=1"]
+    plain = Trainer(load_config(None, TINY_OVERRIDES + steps), tone_corpus, tone_corpus, tmp_path / "plain",
+                    progress=False)
+    plain.fit()
+    twice = Trainer(load_config(None, TINY_OVERRIDES + steps + ["train.consistency_weight=0.5"]),
+                    tone_corpus, tone_corpus, tmp_path / "twice", progress=False)
+    twice.fit()
+    for name, value in plain.model.state_dict().items():  # the same within float error (Adam amplifies it)
+        assert torch.allclose(value, twice.model.state_dict()[name], atol=1e-4), name
+    plain_rows = list(csv.DictReader(open(tmp_path / "plain" / "train_log.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "twice" / "train_log.csv")))
+    assert [float(r["loss"]) for r in rows] == pytest.approx([float(r["loss"]) for r in plain_rows], rel=1e-4)
+    assert [float(r["consistency"]) for r in rows] == [0.0] * 3
+    augmented = Trainer(load_config(None, TINY_OVERRIDES + steps + [
+        "train.consistency_weight=0.5", "model.dropout=0.2", "model.features.time_masks=1",
+        "model.features.freq_masks=1"]),
+        tone_corpus, tone_corpus, tmp_path / "augmented", progress=False)
+    augmented.fit()
+    rows = list(csv.DictReader(open(tmp_path / "augmented" / "train_log.csv")))
+    assert all(float(r["consistency"]) > 0 for r in rows)
+
+
 def test_the_callers_config_is_left_unchanged(tone_corpus, tmp_path):
     config = load_config(None, TINY_OVERRIDES + ["model.vocab_size=40", "train.max_steps=1"])
     before = copy.deepcopy(config)

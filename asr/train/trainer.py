@@ -1,4 +1,5 @@
-"""Training loop: CTC loss, AdamW with warm-up and cosine decay, logs, dev evaluation, resumable checkpoints.
+"""Training loop: CTC loss (optionally consistency-regularised, consistency.py), AdamW with warm-up and
+cosine decay, logs, dev evaluation, resumable checkpoints.
 
 Runs as one process, or as several under torchrun (DistributedDataParallel): each rank takes its
 share of every global step's batches, rank 0 evaluates, logs and writes checkpoints. Checkpoint folders
@@ -56,6 +57,7 @@ from .checkpoints import (
     saved_rng_states,
     set_rng_state,
 )
+from .consistency import consistency_loss
 from .data import BucketBatchSampler, SpeechDataset, collate
 from .distributed import all_gather_objects, all_reduce_sum, barrier, init_distributed
 from .logs import LOG_NAMES, RunLogs, discard_logs, epoch_progress, print_line, show_step, trim_logs
@@ -453,15 +455,19 @@ class Trainer:
         counts = torch.tensor([sum(len(b["ids"]) for b in batches),
                                sum(int(b["wave_lengths"].sum()) for b in batches)], dtype=torch.float64)
         utterances, samples = all_reduce_sum(self.dist, counts).tolist()
+        train = self.config.train
+        views = 2 if train.consistency_weight else 1  # CR-CTC (consistency.py): each utterance seen twice
         self.optimizer.zero_grad(set_to_none=True)
         if utterances == 0:  # every utterance of this step, on every rank, failed to load: nothing to learn
             log.warning("step %d: no readable utterance, update skipped", self.step)
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
-            return {"loss": 0.0, "grad_norm": 0.0, "lr": lr, "audio_seconds": 0.0}
+            return {"loss": 0.0, "grad_norm": 0.0, "lr": lr, "audio_seconds": 0.0,
+                    **({"consistency": 0.0} if views == 2 else {})}
         scale = self.dist.world_size / utterances  # DDP averages gradients over ranks
         model = self.ddp or self.model
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        consistency_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, batch in enumerate(batches):
             if not batch["ids"]:  # all failed to load; under DDP, still take part in every collective
                 if self.ddp is not None:
@@ -471,15 +477,24 @@ class Trainer:
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 waves = batch["waves"].to(self.device, non_blocking=True)
                 lengths = batch["wave_lengths"].to(self.device, non_blocking=True)
+                targets = batch["targets"].to(self.device, non_blocking=True)
+                target_lengths = batch["target_lengths"].to(self.device, non_blocking=True)
+                if views == 2:  # CR-CTC: the batch twice, each copy with its own masks, dropout and warps
+                    waves, lengths = waves.repeat(2, 1), lengths.repeat(2)
+                    targets, target_lengths = targets.repeat(2), target_lengths.repeat(2)
                 with autocast(self.device, self.amp_dtype):
                     log_probs, out_lengths = model(waves, lengths)
                 loss = torch.nn.functional.ctc_loss(
-                    log_probs.transpose(0, 1), batch["targets"].to(self.device, non_blocking=True), out_lengths,
-                    batch["target_lengths"].to(self.device, non_blocking=True), blank=self.vocab.blank,
-                    reduction="sum", zero_infinity=True)
-                (loss * scale).backward()
+                    log_probs.transpose(0, 1), targets, out_lengths, target_lengths, blank=self.vocab.blank,
+                    reduction="sum", zero_infinity=True) / views
+                total = loss
+                if views == 2:
+                    consistency = consistency_loss(*log_probs.chunk(2), out_lengths.chunk(2)[0])
+                    total = loss + train.consistency_weight * consistency
+                    consistency_sum += consistency.detach()
+                (total * scale).backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip)
         if torch.isfinite(grad_norm):  # gradients are already the same on every rank: so is this choice
             self.optimizer.step()
             if self.ema is not None:
@@ -490,5 +505,8 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         loss_value = all_reduce_sum(self.dist, loss_sum).item() / utterances
-        return {"loss": round(loss_value, 4), "grad_norm": round(float(grad_norm), 3), "lr": lr,
-                "audio_seconds": samples / SAMPLE_RATE}
+        metrics = {"loss": round(loss_value, 4), "grad_norm": round(float(grad_norm), 3), "lr": lr,
+                   "audio_seconds": samples / SAMPLE_RATE}
+        if views == 2:
+            metrics["consistency"] = round(all_reduce_sum(self.dist, consistency_sum).item() / utterances, 4)
+        return metrics
