@@ -466,8 +466,7 @@ class Trainer:
                     **({"consistency": 0.0} if views == 2 else {})}
         scale = self.dist.world_size / utterances  # DDP averages gradients over ranks
         model = self.ddp or self.model
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        consistency_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # CTC loss, consistency term
         for i, batch in enumerate(batches):
             if not batch["ids"]:  # all failed to load; under DDP, still take part in every collective
                 if self.ddp is not None:
@@ -491,9 +490,9 @@ class Trainer:
                 if views == 2:
                     consistency = consistency_loss(*log_probs.chunk(2), out_lengths.chunk(2)[0])
                     total = loss + train.consistency_weight * consistency
-                    consistency_sum += consistency.detach()
+                    sums[1] += consistency.detach()
                 (total * scale).backward()
-            loss_sum += loss.detach()
+            sums[0] += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip)
         if torch.isfinite(grad_norm):  # gradients are already the same on every rank: so is this choice
             self.optimizer.step()
@@ -504,9 +503,9 @@ class Trainer:
                         batches[0]["ids"][:4])
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        loss_value = all_reduce_sum(self.dist, loss_sum).item() / utterances
+        loss_value, consistency_value = (all_reduce_sum(self.dist, sums) / utterances).tolist()  # one collective
         metrics = {"loss": round(loss_value, 4), "grad_norm": round(float(grad_norm), 3), "lr": lr,
                    "audio_seconds": samples / SAMPLE_RATE}
         if views == 2:
-            metrics["consistency"] = round(all_reduce_sum(self.dist, consistency_sum).item() / utterances, 4)
+            metrics["consistency"] = round(consistency_value, 4)
         return metrics
