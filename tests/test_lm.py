@@ -136,6 +136,21 @@ def test_runs_of_sure_blanks_are_searched_as_one_frame(tone_lm):
     result = lexicon.decode(lp[None], torch.tensor([len(spec)]), 0.04)[0]
     assert result.text == "egg"  # the blank kept between the g's still parts them
     assert (result.words[0].start, result.words[0].end) == (0.8, 1.72)  # frames 20 to 42 + 1 of the whole emissions
+    # a stream feeds the same piece chunk by chunk (serve/streaming.py): the search gets the same frames, runs
+    # that go on from one chunk into the next included, and finds the same letters at the same frames
+    offline = lexicon._decode_piece(lp)
+    fed = []
+    step = lexicon._decoder.decode_step
+    lexicon._decoder.decode_step = lambda emissions: (fed.append(len(emissions)), step(emissions))[1]
+    for chunk in (1, 7, 30, len(spec)):
+        fed.clear()
+        lexicon.begin_piece()
+        for start in range(0, len(spec), chunk):
+            lexicon.step_piece(lp[start: start + chunk])
+        assert sum(fed) == 7, chunk
+        letters = [(c, f) for c, f, _ in offline if c != " "]
+        assert [(c, f) for c, f, _ in lexicon.piece_so_far(lp) if c != " "] == letters, chunk
+        assert lexicon.end_piece(lp) == offline and "".join(c for c, _, _ in offline).strip() == "egg"
 
 
 def test_beam_search_on_a_trained_model_with_and_without_lm(trained_tiny_model, tone_corpus, tone_lm, tmp_path):

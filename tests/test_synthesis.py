@@ -20,6 +20,7 @@ from asr.tts.engines import (
     ENGINES,
     SynthesisError,
     SynthesisJob,
+    UnsayableText,
     Voice,
     available_voices,
     build_corpus,
@@ -239,6 +240,45 @@ def test_festival_error_is_caught_though_it_exits_0(installed, tmp_path):
     job = SynthesisJob("syn_fest", "hello", Voice("festival", "no_such_voice"), 1.0, 1.0)
     with pytest.raises(SynthesisError, match=r"festival failed for syn_fest .*unbound variable"):
         synthesize(job, tmp_path)
+
+
+def test_a_text_mbrola_stops_on_is_left_out_not_kept_truncated(tmp_path, monkeypatch, caplog):
+    """mbrola stops at a diphone it cannot join and festival exits 0 with the audio so far: such a file would
+    pair the start of a sentence with all of its transcript. It is left out of the corpus, with a warning."""
+    jobs = plan_jobs(["first words", "a sentence mbrola cannot finish", "last words"],
+                     [Voice("festival", "us3_mbrola")], seed=1)
+    stuck = jobs[1]
+
+    def festival(command, input, **kwargs):  # a tone for the text, cut short for the stuck one
+        seconds = 0.3 if input == stuck.text else 0.08 * len(input)
+        t = np.arange(int(16_000 * seconds)) / 16_000
+        sf.write(command[command.index("-o") + 1], 0.3 * np.sin(2 * np.pi * 200 * t), 16_000)
+        stderr = "Fatal error: Unknown recovery for ax-ax segment\n" if input == stuck.text else ""
+        return subprocess.CompletedProcess(command, 0, "", stderr)
+
+    monkeypatch.setattr(synthesis.subprocess, "run", festival)
+    with pytest.raises(UnsayableText, match=f"festival failed for {stuck.key} .*Unknown recovery"):
+        synthesize(stuck, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+    with caplog.at_level("WARNING", logger="asr.tts.engines"):
+        utts = build_corpus(jobs, tmp_path, tmp_path / "m.jsonl", workers=2)
+    assert [u.text for u in utts] == ["first words", "last words"]
+    assert [json.loads(line)["id"] for line in (tmp_path / "m.jsonl").read_text().splitlines()] == \
+        [jobs[0].key, jobs[2].key]
+    assert sorted(p.stem for p in tmp_path.glob("*.flac")) == sorted([jobs[0].key, jobs[2].key])
+    assert stuck.key in caplog.text and "1 of 3 texts left out" in caplog.text
+
+
+def test_festival_mbrola_voice_on_a_text_it_cannot_finish(installed, tmp_path):
+    """The real case: us3_mbrola stops at this sentence's 'ax-ax' diphone (a file of 0.8 s for 85 characters)."""
+    if Voice("festival", "us3_mbrola") not in installed.get("festival", []):
+        pytest.skip(f"festival's us3_mbrola voice is not installed ({INSTALL})")
+    text = "and to cure the abuses and the inequalities which had thrown that system out of joint"
+    with pytest.raises(UnsayableText, match="ax-ax"):
+        synthesize(SynthesisJob("syn_stuck", text, Voice("festival", "us3_mbrola"), 1.0, 1.0), tmp_path)
+    assert synthesize(SynthesisJob("syn_fine", "hello there", Voice("festival", "us3_mbrola"), 1.0, 1.0),
+                      tmp_path).duration > 0.4
 
 
 def test_missing_engines_give_no_voices_and_a_clear_error(tmp_path, monkeypatch):

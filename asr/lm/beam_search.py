@@ -49,11 +49,13 @@ def _sure_blank_runs(log_probs: torch.Tensor, blank: int) -> list[tuple[int, int
     return list(zip((edges == 1).nonzero().squeeze(1).tolist(), (edges == -1).nonzero().squeeze(1).tolist()))
 
 
-def searched_frames(log_probs: torch.Tensor, blank: int) -> torch.Tensor:
+def searched_frames(log_probs: torch.Tensor, blank: int, after_skippable: bool = False) -> torch.Tensor:
     """Indices of the frames of emissions (frames, vocab) that the search needs: all but the second and later
-    frames of each run whose blank probability is above SKIP_BLANK (the first still parts two equal letters)."""
+    frames of each run whose blank probability is above SKIP_BLANK (the first still parts two equal letters).
+    `after_skippable`: the frame before the first was such a frame (a stream's chunk continues a run)."""
     skip = log_probs[:, blank] > math.log(SKIP_BLANK)
-    return (~(skip & torch.nn.functional.pad(skip[:-1], (1, 0)))).nonzero().squeeze(1)
+    before = torch.cat([torch.tensor([after_skippable]), skip[:-1]])
+    return (~(skip & before)).nonzero().squeeze(1)
 
 
 def speech_pieces(log_probs: torch.Tensor, blank: int, pause_frames: int, max_frames: int) -> list[tuple[int, int]]:
@@ -80,6 +82,11 @@ def speech_pieces(log_probs: torch.Tensor, blank: int, pause_frames: int, max_fr
             cut = a + max_frames
         todo += [(a, cut), (cut, b)]
     return sorted(pieces)
+
+
+def _at_frames(emitted: list[Emitted], frames: list[int]) -> list[Emitted]:
+    """Emitted characters with the searched frames they name (indices into `frames`) as the piece's frames."""
+    return [(c, frames[f], p) for c, f, p in emitted]
 
 
 def _spell_words(words: list[str], emitted: list[Emitted]) -> list[Emitted]:
@@ -188,8 +195,7 @@ class BeamSearchDecoder:
         kept = searched_frames(emissions, self.vocab.blank)
         searched = self._penalized(emissions[kept])
         hyps = self._decoder(searched[None], torch.tensor([len(searched)], dtype=torch.int32))[0]
-        frames = kept.tolist()
-        return [(c, frames[f], p) for c, f, p in self._best_emitted(hyps, searched)]
+        return _at_frames(self._best_emitted(hyps, searched), kept.tolist())
 
     def _penalized(self, emissions: torch.Tensor) -> torch.Tensor:
         """The emissions the search scores: the blank's log-probability lowered by the blank penalty (a copy, or
@@ -223,20 +229,32 @@ class BeamSearchDecoder:
     def begin_piece(self) -> None:
         """Start searching a new piece; `step_piece` feeds it frames, `end_piece` finishes it."""
         self._decoder.decode_begin()
+        self._searched: list[int] = []  # the piece's frames the search has had (searched_frames, chunk by chunk)
+        self._fed = 0  # the piece's frames so far
+        self._last_skippable = False  # whether the last of them is above SKIP_BLANK
 
     def step_piece(self, emissions: torch.Tensor) -> None:
-        """Search on through the piece's next frames: emissions (frames, vocab)."""
-        if len(emissions):
-            self._decoder.decode_step(self._penalized(emissions.detach().float().cpu()))
+        """Search on through the piece's next frames: emissions (frames, vocab). Like `_decode_piece`, the search
+        skips all but the first frame of each run above SKIP_BLANK, runs that go on across calls included."""
+        if not len(emissions):
+            return
+        emissions = emissions.detach().float().cpu()
+        kept = searched_frames(emissions, self.vocab.blank, self._last_skippable)
+        if len(kept):
+            self._decoder.decode_step(self._penalized(emissions[kept]))
+        self._searched += (kept + self._fed).tolist()
+        self._fed += len(emissions)
+        self._last_skippable = bool(emissions[-1, self.vocab.blank] > math.log(SKIP_BLANK))
 
     def piece_so_far(self, emissions: torch.Tensor) -> list[Emitted]:
         """The characters the best hypothesis at the last frame searched emits (its last word may be unfinished);
         emissions: the piece's frames so far."""
         # torchaudio's CTCDecoder does not offer flashlight's get_best_hypothesis; its decoder does
         hyps = self._decoder._to_hypo([self._decoder.decoder.get_best_hypothesis()])
-        return self._emitted(hyps[0], emissions)
+        return _at_frames(self._emitted(hyps[0], emissions[self._searched]), self._searched)
 
     def end_piece(self, emissions: torch.Tensor) -> list[Emitted]:
         """Finish the piece; what `_decode_piece` would give for its frames (emissions: all of them)."""
         self._decoder.decode_end()
-        return self._best_emitted(self._decoder.get_final_hypothesis(), emissions)
+        return _at_frames(self._best_emitted(self._decoder.get_final_hypothesis(), emissions[self._searched]),
+                          self._searched)

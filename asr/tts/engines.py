@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import pkgutil
 import random
@@ -55,10 +56,18 @@ MBROLA_DIR = Path("/usr/share/mbrola")
 FESTIVAL_VOICE_DIRS = (Path("/usr/share/festival/voices/english"), Path("/usr/share/festival/voices/us"))
 PICO_VOICES = ("en-US", "en-GB")
 PIPER_NOISE_TABLE = 1 << 18  # seeded normal values that piper's noise is drawn from (wraps after ~15 s of audio)
+# what mbrola prints when it stops at a diphone it cannot join; festival and espeak-ng then exit 0 with the audio so far
+MBROLA_FATAL = "Fatal error"
+
+log = logging.getLogger(__name__)
 
 
 class SynthesisError(ASRError, RuntimeError):
     """A text-to-speech engine is missing or failed; the message says which and how to install it."""
+
+
+class UnsayableText(SynthesisError):
+    """The engine works but stopped part-way through this text: its audio would not match the transcript."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +218,8 @@ def _run_engine(job: SynthesisJob, tmp: Path) -> tuple[np.ndarray, int]:
         raise SynthesisError(f"{failed}: {e}") from e
     if proc.returncode != 0 or not wav.exists() or "SIOD ERROR" in proc.stderr:  # festival exits 0 on errors
         raise SynthesisError(f"{failed}: {proc.stderr.strip()[:300]}")
+    if MBROLA_FATAL in proc.stderr:
+        raise UnsayableText(f"{failed}: it stopped part-way: {proc.stderr.strip()[:300]}")
     wave, rate = sf.read(wav, dtype="float32", always_2d=True)
     return wave.mean(1), rate
 
@@ -341,12 +352,27 @@ def synthesize(job: SynthesisJob, out_dir: Path, sample_rate: int = 16_000) -> U
 def build_corpus(jobs: Sequence[SynthesisJob], out_dir: str | os.PathLike, manifest: str | os.PathLike,
                  sample_rate: int = 16_000, workers: int | None = None, progress: bool = True,
                  description: str = "synthesising") -> list[Utterance]:
-    """Synthesise every job into out_dir (in parallel, skipping files already there) and write the manifest."""
+    """Synthesise every job into out_dir (in parallel, skipping files already there) and write the manifest.
+
+    A job whose text its engine cannot say to the end (UnsayableText) is left out, with a warning; any other
+    failure stops the build, keeping the files already written.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or os.cpu_count() or 1
+
+    def one(job: SynthesisJob) -> Utterance | None:
+        try:
+            return synthesize(job, out, sample_rate)
+        except UnsayableText as e:
+            log.warning("%s; left out", e)
+            return None
+
     with ThreadPoolExecutor(workers) as pool:  # the engines are separate processes: threads suffice
-        results = pool.map(lambda j: synthesize(j, out, sample_rate), jobs)
-        utterances = list(tqdm(results, total=len(jobs), desc=description, disable=not progress))
+        results = list(tqdm(pool.map(one, jobs), total=len(jobs), desc=description, disable=not progress))
+    utterances = [u for u in results if u is not None]
+    if len(utterances) < len(jobs):
+        log.warning("%s: %d of %d texts left out, their engine could not say them to the end", manifest,
+                    len(jobs) - len(utterances), len(jobs))
     write_manifest(utterances, manifest)
     return utterances
