@@ -159,6 +159,24 @@ def test_a_wider_model_starts_from_a_narrower_ones_units(trained_tiny_model, ton
         Trainer(config, tone_corpus, tone_corpus, tmp_path / "bad", progress=False).fit()
 
 
+def test_a_model_with_another_time_stride_starts_from_the_same_weights(trained_tiny_model, tone_corpus, tmp_path):
+    """train.init_from into conv strides that differ in time alone: every weight keeps its shape and is copied, and
+    the model runs at the new frame rate; a frequency stride that differs changes the GRU's input and is refused."""
+    from asr.checkpoint import CheckpointError
+
+    source = load_file(trained_tiny_model / "model.safetensors")
+    config = load_config(None, TINY_OVERRIDES + [f"train.init_from={trained_tiny_model}", "model.conv_strides=[[3,2]]",
+                                                 "train.lr=0", "train.max_steps=1"])
+    result = Trainer(config, tone_corpus, tone_corpus, tmp_path / "stride3", progress=False).fit()
+    tuned = load_file(result.best_dir / "model.safetensors")
+    statistics = ("num_batches_tracked", "running_mean", "running_var")
+    assert all(torch.equal(source[k], tuned[k]) for k in source if not k.endswith(statistics))
+    assert asr.load_model(result.best_dir, backend="torch").model.config.time_stride == 3
+    config = load_config(None, TINY_OVERRIDES + [f"train.init_from={trained_tiny_model}", "model.conv_strides=[[2,1]]"])
+    with pytest.raises(CheckpointError, match="conv_strides"):
+        Trainer(config, tone_corpus, tone_corpus, tmp_path / "bad", progress=False).fit()
+
+
 def test_consistency_loss_pulls_each_view_towards_the_other_over_real_frames_only():
     """CR-CTC's term: the symmetric KL of the two views, padding frames left out, each target view detached, so
     view a's gradient is that of KL(b || a) / 2 alone: -exp(b) / 2 on its real frames, 0 on padding."""

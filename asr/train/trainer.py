@@ -40,7 +40,7 @@ from ..features import GLOBAL_STATISTICS
 from ..files import write_text_atomically
 from ..manifest import ManifestError, Utterance, check_audio_files, drop_untrainable, filter_by_duration, read_manifest
 from ..metrics import error_rates
-from ..model import DeepSpeech2
+from ..model import DeepSpeech2, ModelConfig
 from ..serve.evaluate import evaluate_utterances
 from ..serve.transcribe import ASRModel
 from ..text import Vocabulary
@@ -67,6 +67,13 @@ log = logging.getLogger(__name__)
 ONE_WAY_START_KEYS = {"bidirectional", "lookahead_frames", "end_silence_ms", "features.normalization",
                       "features.level_window_ms", "features.level_prior_ms"}
 WIDEN_NOISE = 1e-3  # a model that starts wider than its source (train.init_from): noise on the copied weights
+
+
+def time_strides_alone_differ(mine: ModelConfig, theirs: ModelConfig) -> bool:
+    """Whether two conv fronts stride alike in frequency, layer for layer: then only their time strides can differ,
+    and every weight keeps its shape (the frames the GRUs see are longer or shorter)."""
+    return (len(mine.conv_strides) == len(theirs.conv_strides)
+            and all(m[1] == t[1] for m, t in zip(mine.conv_strides, theirs.conv_strides)))
 
 
 @torch.no_grad()
@@ -191,15 +198,17 @@ class Trainer:
     def init_weights(self, folder: Path) -> None:
         """Start from another model's weights (fine-tuning); its architecture and vocabulary must match, except
         that a one-way (streaming) model may start from a bidirectional one's forward direction, and a model
-        whose gru_hidden is a multiple of the source's starts from its units copied (DeepSpeech2.load_widened)."""
+        whose gru_hidden is a multiple of the source's starts from its units copied (DeepSpeech2.load_widened), and
+        one whose convolutions stride differently in time (not in frequency) starts from the same weights."""
         source, vocab, _ = load_model_files(folder, "cpu")
         if vocab.tokens != self.vocab.tokens:
             raise CheckpointError(f"{folder}: its vocabulary differs from this run's")
         mine, theirs = self.config.model, source.config
         one_way_start = theirs.bidirectional and not mine.bidirectional
         widen = mine.gru_hidden > theirs.gru_hidden and mine.gru_hidden % theirs.gru_hidden == 0 and not one_way_start
+        restride = mine.conv_strides != theirs.conv_strides and time_strides_alone_differ(mine, theirs)
         differ = sorted(set(architecture_differences(mine, theirs)) - (ONE_WAY_START_KEYS if one_way_start else set())
-                        - ({"gru_hidden"} if widen else set()))
+                        - ({"gru_hidden"} if widen else set()) - ({"conv_strides"} if restride else set()))
         if differ:
             raise CheckpointError(f"{folder}: cannot initialise from it, model settings differ: {', '.join(differ)}")
         if one_way_start:
@@ -214,6 +223,8 @@ class Trainer:
             self.ema.module.load_state_dict(self.model.state_dict())
         if self.dist.is_main:
             grown = f", its GRUs widened from {theirs.gru_hidden} to {mine.gru_hidden}" if widen else ""
+            if restride:
+                grown += f", its time stride changed from {theirs.time_stride} to {mine.time_stride}"
             print(f"initialised from {folder}{grown}", flush=True)
 
     # ---------------------------------------------------------------- checkpoints
