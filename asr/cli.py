@@ -126,7 +126,9 @@ def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
                    help="the network's weights (default: $ASR_PRECISION or auto: dynamic int8 where torch runs it on "
                         "the CPU, else fp32)")
     p.add_argument("--chunk-seconds", type=float, default=30.0, help="window length for long audio")
-    p.add_argument("--decoder", choices=list(DECODERS), help="greedy (default) or beam")
+    p.add_argument("--decoder", choices=list(DECODERS),
+                   help="greedy or beam (default: the model's, from its decoder.json: beam + LM for the shipped "
+                        "model; greedy for a model without one)")
     p.add_argument("--lm", help="language model folder (asr lm build); default: the model folder's lm/")
     p.add_argument("--beam-size", type=int, help="beam search: hypotheses kept (default: tuned or 50)")
     p.add_argument("--beam-size-token", type=int, help="beam search: most likely characters tried per frame "
@@ -181,7 +183,8 @@ def cmd_lm(args: argparse.Namespace) -> None:
               f"(lm_weight {b['lm_weight']}, word_score {b['word_score']}, blank_penalty {b['blank_penalty']}, "
               f"beam {b['beam_size']}, "
               f"{b['beam_size_token']} characters a frame, threshold {b['beam_threshold']}); "
-              f"stored in {args.model}")
+              f"stored in {args.model}, which now decodes with "
+              f"{'beam + LM' if tuned['decoder'] == 'beam' else 'greedy'} unless --decoder says otherwise")
 
 
 def cmd_export(args: argparse.Namespace) -> None:

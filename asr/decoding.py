@@ -18,8 +18,9 @@ DECODERS = ("greedy", "beam")
 
 @dataclass
 class DecodingOptions:
-    """How CTC posteriors become text. A model folder's decoder.json holds its tuned beam values; the CLI,
-    `transcribe(**options)`, tuning and the benches replace fields of the model's `decoding` with theirs."""
+    """How CTC posteriors become text. A model folder's decoder.json holds its tuned beam values and its default
+    decoder; the CLI, `transcribe(**options)`, tuning and the benches replace fields of the model's `decoding`
+    with theirs."""
 
     decoder: str = "greedy"  # "greedy" (best path) or "beam" (beam search, with the model's LM when it has one)
     beam_size: int = 50  # hypotheses kept per frame

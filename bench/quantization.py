@@ -1,10 +1,11 @@
 """Dynamic int8 quantization of the GRUs and linear layers against fp32, on the CPU, same files, same run.
 
     python bench/quantization.py [--model DIR] [--manifest M] [--skip 300] [--limit 300] [--threads 1]
+        [--decoder greedy|beam]
 
-Transcribes the manifest's utterances one at a time (greedy) with the model loaded as users get it, torch
-backend: `asr.load_model(..., precision="fp32")`, then `precision="int8"` (the CPU default: dynamic int8
-GRU and linear layers), then fp32 again (the machine's speed drifts: the baseline is the mean of the two
+Transcribes the manifest's utterances one at a time (greedy unless --decoder beam) with the model loaded as
+users get it, torch backend: `asr.load_model(..., precision="fp32")`, then `precision="int8"` (the CPU default:
+dynamic int8 GRU and linear layers), then fp32 again (the machine's speed drifts: the baseline is the mean of the two
 fp32 passes). Prints WER and time of each.
 By default it skips the first 300 speechocean762 dev utterances (those tune the shipped LM weights).
 """
@@ -28,9 +29,9 @@ from asr.manifest import read_manifest  # noqa: E402
 from asr.metrics import error_rates  # noqa: E402
 
 
-def timed_wer(model: asr.ASRModel, waves: list[torch.Tensor], refs: list[str]) -> tuple[float, float]:
+def timed_wer(model: asr.ASRModel, waves: list[torch.Tensor], refs: list[str], decoder: str) -> tuple[float, float]:
     start = time.perf_counter()
-    hyps = [model.transcribe(w, sample_rate=16_000).text for w in waves]
+    hyps = [model.transcribe(w, sample_rate=16_000, decoder=decoder).text for w in waves]
     return time.perf_counter() - start, error_rates(refs, hyps).wer
 
 
@@ -41,15 +42,16 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=300)
     parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a laptop app often has one)")
+    parser.add_argument("--decoder", default="greedy", choices=["greedy", "beam"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     utts = read_manifest(args.manifest)[args.skip: args.skip + args.limit]
     waves, refs = [load_audio(u.audio_filepath) for u in utts], [u.text for u in utts]
     fp32_model, int8_model = (asr.load_model(args.model, device="cpu", backend="torch", precision=precision)
                               for precision in ("fp32", "int8"))
-    first = timed_wer(fp32_model, waves, refs)
-    int8 = timed_wer(int8_model, waves, refs)
-    again = timed_wer(fp32_model, waves, refs)
+    first = timed_wer(fp32_model, waves, refs, args.decoder)
+    int8 = timed_wer(int8_model, waves, refs, args.decoder)
+    again = timed_wer(fp32_model, waves, refs, args.decoder)
     base = (first[0] + again[0]) / 2
     seconds = sum(len(w) for w in waves) / 16_000
     print(f"{len(utts)} utterances ({seconds:.0f} s); {machine_line(describe_machine())}")

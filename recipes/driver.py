@@ -57,7 +57,8 @@ def run_experiment(args: argparse.Namespace, train: Path, dev: Path, tests: dict
     model = load_model(result.best_dir, device=str(trainer.device))
     rows = {}
     for name, manifest in {"dev": dev, **tests}.items():
-        rows[name] = evaluate_manifest(model, manifest, out / "eval" / name, progress=not args.no_progress)
+        rows[name] = evaluate_manifest(model, manifest, out / "eval" / name, progress=not args.no_progress,
+                                       decoder="greedy")  # a resumed run's best/ may hold a decoder.json
     if args.beam:  # an LM from training text only; alpha/beta chosen on dev; every set scored again
         build_lm([train, *args.lm_text], out / "lm", order=args.lm_order, prune=args.lm_prune or [0] * args.lm_order,
                  weights=args.lm_text_weights)

@@ -176,13 +176,48 @@ def test_beam_search_on_a_trained_model_with_and_without_lm(trained_tiny_model, 
                       beam_size_token=5, beam_threshold=15.0, progress=False, blank_penalties=[0.0, 0.5])
     assert len(tuned["grid"]) == 8 and tuned["beam_wer"] <= tuned["greedy_wer"]
     assert {row["blank_penalty"] for row in tuned["grid"]} == {0.0, 0.5}
+    assert tuned["decoder"] == ("beam" if tuned["beam_wer"] < tuned["greedy_wer"] else "greedy")
     store_decoder(folder, tone_lm, tuned)
     reloaded = asr.load_model(folder)
+    assert reloaded.decoding.decoder == tuned["decoder"]
     assert reloaded.lm is not None and reloaded.decoding.beam_size == 20
     assert (reloaded.decoding.beam_size_token, reloaded.decoding.beam_threshold) == (5, 15.0)
     assert reloaded.decoding.lm_weight == tuned["beam"]["lm_weight"]
     assert reloaded.decoding.blank_penalty == tuned["beam"]["blank_penalty"]
     assert reloaded.transcribe(files[0], decoder="beam").text == TEXTS[0]
+
+
+def test_a_model_decodes_as_its_decoder_json_says(trained_tiny_model, tone_corpus, tone_lm, tmp_path):
+    from asr.serve.evaluate import evaluate_manifest
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in trained_tiny_model.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    store_decoder(folder, tone_lm, {"decoder": "beam", "beam": DecodingOptions(beam_size=20).beam_settings()})
+    model = asr.load_model(folder)
+    assert (model.decoding.decoder, model.decoding.beam_size) == ("beam", 20)
+    # with no decoder asked for, the API, the CLI and the demo decode with the model's beam + LM
+    summary = evaluate_manifest(model, tone_corpus, progress=False)
+    assert summary["decoder"]["beam"]["beam_size"] == 20 and summary["wer"] == 0
+    assert evaluate_manifest(model, tone_corpus, progress=False, decoder="greedy")["decoder"] == "greedy"
+    out = subprocess.run([sys.executable, "-m", "asr.cli", "evaluate", "--model", str(folder), "--manifest",
+                          str(tone_corpus), "--out", str(tmp_path / "eval"), "--no-progress"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "beam" in json.loads((tmp_path / "eval" / "summary.json").read_text())["decoder"]
+    gr = pytest.importorskip("gradio", reason="the demo needs the demo extra (gradio)")
+    from asr.serve.demo import ModelChoices, build_app
+
+    radios = [b for b in build_app(ModelChoices([str(folder)])).blocks.values() if isinstance(b, gr.Radio)]
+    assert len(radios) == 2 and {r.value for r in radios} == {"beam"}  # the upload tab's and the live tab's
+    # a decoder.json written before it named a decoder: greedy, as then (bad ones: test_reliability_audio.py)
+    tuned = json.loads((folder / "decoder.json").read_text())
+    del tuned["decoder"]
+    (folder / "decoder.json").write_text(json.dumps(tuned))
+    assert asr.load_model(folder).decoding.decoder == "greedy"
+    radios = [b for b in build_app(ModelChoices([str(folder)])).blocks.values() if isinstance(b, gr.Radio)]
+    assert {r.value for r in radios} == {"greedy"}
 
 
 @pytest.mark.slow

@@ -183,13 +183,17 @@ def test_heavily_clipped_speech_is_transcribed(shipped, reliability):
     texts = dict(line.split(maxsplit=1) for line in (dev / "text").read_text().splitlines() if line.strip())
     waves = [load_audio(dev / path) for _, path in lines]
     refs = [texts[utt] for utt, _ in lines]
-    clean = error_rates(refs, [r.text for r in shipped.transcribe(waves, sample_rate=16000)]).cer
+    clean = error_rates(refs, [r.text for r in shipped.transcribe(waves, sample_rate=16000, decoder="greedy")]).cer
     clipped = [(w / w.abs().max() * 10).clamp(-1, 1) for w in waves]  # 20 dB into clipping
-    hyps = shipped.transcribe(clipped, sample_rate=16000)
+    hyps = shipped.transcribe(clipped, sample_rate=16000, decoder="greedy")
     cer = error_rates(refs, [r.text for r in hyps]).cer
     assert all(r.words for r in hyps) and cer < clean + 0.3, (clean, cer)  # it costs CER; it must not break
+    # the model's own decoder (beam + LM) does no worse on the clipped speech than greedy does
+    default = shipped.transcribe(clipped, sample_rate=16000)
+    default_cer = error_rates(refs, [r.text for r in default]).cer
+    assert all(r.words for r in default) and default_cer <= cer, (cer, default_cer)
     reliability("speech clipped 20 dB (20 speechocean762 dev files)", "API",
-                f"transcribed: CER {cer:.0%} against {clean:.0%} unclipped")
+                f"transcribed: CER {cer:.0%} greedy against {clean:.0%} unclipped; {default_cer:.0%} beam + LM")
 
 
 # ---------------------------------------------------------------- long files: memory independent of length
@@ -267,6 +271,24 @@ def test_an_interrupted_swap_of_lm_is_undone_and_a_missing_lm_is_named(tmp_path,
     with pytest.raises(CheckpointError, match=r"decoder\.json .*/lm is missing"):
         asr.load_model(folder, device="cpu")
     reliability("model folder whose lm/ is gone", "API", "CheckpointError: decoder.json tuned with an LM, lm/ missing")
+
+
+@pytest.mark.parametrize("case, settings", [
+    ("naming a decoder that does not exist", lambda tuned: {**tuned, "decoder": "beem"}),
+    ("not a JSON object", lambda tuned: [tuned]),
+])
+def test_a_decoder_json_that_names_no_decoder_is_refused_by_name(case, settings, tmp_path, reliability):
+    folder = tmp_path / "model"
+    shutil.copytree(SHIPPED, folder)
+    (folder / "decoder.json").write_text(json.dumps(settings(json.loads((SHIPPED / "decoder.json").read_text()))))
+    with pytest.raises(CheckpointError, match=r"decoder\.json: not valid decoder settings"):
+        asr.load_model(folder, device="cpu")
+    sf.write(tmp_path / "tone.wav", np.sin(np.arange(16000) * 0.05).astype(np.float32) * 0.3, 16000)
+    out = _cli("transcribe", tmp_path / "tone.wav", "--model", folder)
+    assert out.returncode == 2 and "decoder.json: not valid decoder settings" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    reliability(f"decoder.json {case}", "API, CLI", "CheckpointError / exit 2: '<folder>/decoder.json: not valid "
+                "decoder settings (...)'")
 
 
 def test_evaluate_on_a_full_disk_keeps_the_previous_results(trained_tiny_model, tone_corpus, tmp_path,

@@ -52,7 +52,8 @@ def tune_beam(model: ASRModel, manifest: str | os.PathLike, lm_weights: Sequence
               blank_penalties: Sequence[float] = DEFAULT_BLANK_PENALTIES) -> dict:
     """WER of every (alpha, beta, blank penalty) on `manifest` with the model's LM, at one search width
     (beam_size, beam_size_token, beam_threshold: wider is slower and rarely worse, so it is chosen, not tuned);
-    returns the best and the whole grid."""
+    returns the best, the whole grid, and the decoder the model should use by default: "beam" where the best
+    search beats greedy decoding on `manifest`, else "greedy"."""
     if model.lm is None:
         raise ValueError("tuning needs a model loaded with a language model (load_model(path, lm=...))")
     utts = read_manifest(manifest)
@@ -74,12 +75,14 @@ def tune_beam(model: ASRModel, manifest: str | os.PathLike, lm_weights: Sequence
         if best is None or row["wer"] < best[0]["wer"]:
             best = (row, decoding)
     assert best is not None
-    return {"manifest": str(manifest), "utterances": len(utts), "greedy_wer": round(greedy_wer, 5),
-            "beam_wer": best[0]["wer"], "beam": best[1].beam_settings(), "grid": grid}
+    return {"decoder": "beam" if best[0]["wer"] < greedy_wer else "greedy", "manifest": str(manifest),
+            "utterances": len(utts), "greedy_wer": round(greedy_wer, 5), "beam_wer": best[0]["wer"],
+            "beam": best[1].beam_settings(), "grid": grid}
 
 
 def store_decoder(model_dir: str | os.PathLike, lm_dir: str | os.PathLike, tuned: dict) -> None:
-    """Copy the LM into the model folder (as lm/) and write decoder.json, so load_model uses them by default."""
+    """Copy the LM into the model folder (as lm/) and write decoder.json, so load_model uses them by default
+    (and decodes with `tuned["decoder"]` unless told otherwise)."""
     model_dir, lm_dir = Path(model_dir), Path(lm_dir)
     if lm_dir.resolve() != (model_dir / LM_DIR).resolve():
         write_dir_atomically(model_dir / LM_DIR, lambda d: [shutil.copy2(p, d / p.name) for p in lm_dir.iterdir()

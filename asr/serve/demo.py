@@ -319,6 +319,13 @@ def build_app(models: ModelChoices, limits: DemoLimits | None = None):
             return [("greedy", "greedy")]
         return [("beam + LM" if d == "beam" and model.lm is not None else d, d) for d in DECODERS]
 
+    def default_decoder(model_path: str) -> str:
+        """The decoder the model uses when none is asked for (its decoder.json's; greedy if it cannot load)."""
+        try:
+            return models.get(model_path).decoding.decoder
+        except DemoError:
+            return "greedy"
+
     def run(audio_path, decoder, model_path):
         try:
             model = models.get(model_path)
@@ -341,7 +348,8 @@ def build_app(models: ModelChoices, limits: DemoLimits | None = None):
             with gr.Row():
                 with gr.Column():
                     audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="audio")
-                    decoder = gr.Radio(decoder_choices(models.default), value="greedy", label="decoder")
+                    decoder = gr.Radio(decoder_choices(models.default), value=default_decoder(models.default),
+                                       label="decoder")
                     # custom values pass the dropdown so that the API's "" (the default) and names not
                     # offered get this app's own answers (ModelChoices.get)
                     model_path = gr.Dropdown(models.paths, value=models.default, label="model",
@@ -360,14 +368,16 @@ def build_app(models: ModelChoices, limits: DemoLimits | None = None):
                 with gr.Column():
                     live_audio = gr.Audio(sources=["microphone"], streaming=True, type="numpy", label="microphone",
                                           elem_id="live-audio")
-                    live_decoder = gr.Radio(decoder_choices(models.default), value="greedy", label="decoder")
+                    live_decoder = gr.Radio(decoder_choices(models.default), value=default_decoder(models.default),
+                                            label="decoder")
                     live_model = gr.Dropdown(models.paths, value=models.default, label="model", elem_id="live-model")
                 with gr.Column():
                     live_text = gr.Textbox(label="live transcript", elem_id="live-transcript", lines=4,
                                            interactive=False)
                     live_info = gr.Markdown(live_status(models, models.default), elem_id="live-info")
             session = gr.State(None)  # a LiveSession from the page's first event on
-        model_path.change(lambda p: gr.Radio(choices=decoder_choices(p), value="greedy"), model_path, decoder)
+        model_path.change(lambda p: gr.Radio(choices=decoder_choices(p), value=default_decoder(p)), model_path,
+                          decoder)
         button.click(run, [audio, decoder, model_path], [text, words, spectrogram, posteriorgram, timing],
                      api_name="transcribe")
 
@@ -377,7 +387,8 @@ def build_app(models: ModelChoices, limits: DemoLimits | None = None):
         def show(s: LiveSession):
             return s, s.text, s.info
 
-        live_model.change(lambda p: (gr.Radio(choices=decoder_choices(p), value="greedy"), live_status(models, p)),
+        live_model.change(lambda p: (gr.Radio(choices=decoder_choices(p), value=default_decoder(p)),
+                                     live_status(models, p)),
                           live_model, [live_decoder, live_info], **quick)
         live_audio.start_recording(lambda s: show(live_start(s)), session, shown, **quick)
         live_audio.stop_recording(lambda s: show(live_stop(s)), session, shown, **quick)

@@ -80,7 +80,8 @@ class ASRModel:
         self.vocab = vocab
         self.meta = meta or {}
         self.lm = lm
-        # the model's decoding defaults (decoder.json): greedy; beam search spells LM words when there is an LM
+        # the model's decoding defaults: decoder.json's (its decoder and tuned beam), else greedy; beam search
+        # spells LM words when there is an LM
         self.decoding = decoding or DecodingOptions(lexicon=lm is not None)
         self._greedy = GreedyDecoder(vocab)
         self._beam_decoders: dict[str, BeamSearchDecoder] = {}
@@ -318,7 +319,9 @@ def load_model(path: str | os.PathLike | None = None, device: str = "auto",
 
     With no path: the folder named by the ASR_MODEL environment variable, else the English model that
     ships with the package. The language model for beam search is `lm`, else the model folder's own
-    `lm/` (see `asr lm tune`); the beam settings tuned for it come from the folder's decoder.json.
+    `lm/` (see `asr lm tune`); the beam settings tuned for it, and the decoder the model uses when none is asked
+    for (beam + LM where tuning found it better than greedy, as for the shipped model), come from the folder's
+    decoder.json; without one the model decodes greedily.
     `backend` ("auto", "onnx", "torch"; default $ASR_BACKEND or "auto"): on the CPU, "auto" runs the
     network with onnxruntime when the folder has an up-to-date model.onnx (`asr export`; the shipped model
     has one) and int8 is not asked for, else torch.
@@ -354,8 +357,9 @@ def load_model(path: str | os.PathLike | None = None, device: str = "auto",
     decoding = None
     if (path / DECODER_FILE).is_file() and language_model is not None:
         try:
-            decoding = DecodingOptions(**json.loads((path / DECODER_FILE).read_text())["beam"])
-        except (ValueError, KeyError, TypeError) as e:  # OptionsError is a ValueError
+            tuned = json.loads((path / DECODER_FILE).read_text())
+            decoding = DecodingOptions(decoder=tuned.get("decoder", "greedy"), **tuned["beam"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # OptionsError is a ValueError
             raise CheckpointError(f"{path / DECODER_FILE}: not valid decoder settings ({e})") from None
     if precision == "int8":
         model = quantize_int8(model)

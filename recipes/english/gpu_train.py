@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         train_minutes = (time.perf_counter() - start) / 60
         model = load_model(result.best_dir, device=str(trainer.device))
         dev = evaluate_manifest(model, args.pack / "dev.jsonl", args.exp / "eval" / "dev",
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, decoder="greedy")
         ship_model(result.best_dir, args.exp / "fp16", onnx=False)  # half the bytes to bring back
         for name in COPIED:
             copy_file(args.exp / name, args.out / Path(name).name)
