@@ -1,6 +1,7 @@
 """KenLM language models and beam search: build, decode with and without LM, tune, hot words, bad LM folders."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -206,18 +207,19 @@ def test_a_model_decodes_as_its_decoder_json_says(trained_tiny_model, tone_corpu
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "beam" in json.loads((tmp_path / "eval" / "summary.json").read_text())["decoder"]
+    # a decoder.json written before it named a decoder: greedy, as then (bad ones: test_reliability_audio.py)
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    tuned = json.loads((old / "decoder.json").read_text())
+    del tuned["decoder"]
+    (old / "decoder.json").write_text(json.dumps(tuned))
+    assert asr.load_model(old).decoding.decoder == "greedy"
     gr = pytest.importorskip("gradio", reason="the demo needs the demo extra (gradio)")
     from asr.serve.demo import ModelChoices, build_app
 
-    radios = [b for b in build_app(ModelChoices([str(folder)])).blocks.values() if isinstance(b, gr.Radio)]
-    assert len(radios) == 2 and {r.value for r in radios} == {"beam"}  # the upload tab's and the live tab's
-    # a decoder.json written before it named a decoder: greedy, as then (bad ones: test_reliability_audio.py)
-    tuned = json.loads((folder / "decoder.json").read_text())
-    del tuned["decoder"]
-    (folder / "decoder.json").write_text(json.dumps(tuned))
-    assert asr.load_model(folder).decoding.decoder == "greedy"
-    radios = [b for b in build_app(ModelChoices([str(folder)])).blocks.values() if isinstance(b, gr.Radio)]
-    assert {r.value for r in radios} == {"greedy"}
+    for path, decoder in ((folder, "beam"), (old, "greedy")):
+        radios = [b for b in build_app(ModelChoices([str(path)])).blocks.values() if isinstance(b, gr.Radio)]
+        assert len(radios) == 2 and {r.value for r in radios} == {decoder}  # the upload tab's and the live tab's
 
 
 @pytest.mark.slow
