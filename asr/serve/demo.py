@@ -311,20 +311,15 @@ def build_app(models: ModelChoices, limits: DemoLimits | None = None):
 
     limits = limits or DemoLimits()
 
-    def decoder_choices(model_path: str) -> list[tuple[str, str]]:
-        """(label, decoder) pairs: beam search is labelled "beam + LM" when the model has a language model."""
+    def decoder_radio(model_path: str) -> gr.Radio:
+        """The model's decoders (beam search labelled "beam + LM" when it has a language model), set to the one it
+        uses when none is asked for (its decoder.json's); greedy alone when the model cannot load."""
         try:
             model = models.get(model_path)
         except DemoError:
-            return [("greedy", "greedy")]
-        return [("beam + LM" if d == "beam" and model.lm is not None else d, d) for d in DECODERS]
-
-    def default_decoder(model_path: str) -> str:
-        """The decoder the model uses when none is asked for (its decoder.json's; greedy if it cannot load)."""
-        try:
-            return models.get(model_path).decoding.decoder
-        except DemoError:
-            return "greedy"
+            return gr.Radio(choices=[("greedy", "greedy")], value="greedy", label="decoder")
+        choices = [("beam + LM" if d == "beam" and model.lm is not None else d, d) for d in DECODERS]
+        return gr.Radio(choices=choices, value=model.decoding.decoder, label="decoder")
 
     def run(audio_path, decoder, model_path):
         try:
@@ -348,8 +343,7 @@ def build_app(models: ModelChoices, limits: DemoLimits | None = None):
             with gr.Row():
                 with gr.Column():
                     audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="audio")
-                    decoder = gr.Radio(decoder_choices(models.default), value=default_decoder(models.default),
-                                       label="decoder")
+                    decoder = decoder_radio(models.default)
                     # custom values pass the dropdown so that the API's "" (the default) and names not
                     # offered get this app's own answers (ModelChoices.get)
                     model_path = gr.Dropdown(models.paths, value=models.default, label="model",
@@ -368,16 +362,14 @@ def build_app(models: ModelChoices, limits: DemoLimits | None = None):
                 with gr.Column():
                     live_audio = gr.Audio(sources=["microphone"], streaming=True, type="numpy", label="microphone",
                                           elem_id="live-audio")
-                    live_decoder = gr.Radio(decoder_choices(models.default), value=default_decoder(models.default),
-                                            label="decoder")
+                    live_decoder = decoder_radio(models.default)
                     live_model = gr.Dropdown(models.paths, value=models.default, label="model", elem_id="live-model")
                 with gr.Column():
                     live_text = gr.Textbox(label="live transcript", elem_id="live-transcript", lines=4,
                                            interactive=False)
                     live_info = gr.Markdown(live_status(models, models.default), elem_id="live-info")
             session = gr.State(None)  # a LiveSession from the page's first event on
-        model_path.change(lambda p: gr.Radio(choices=decoder_choices(p), value=default_decoder(p)), model_path,
-                          decoder)
+        model_path.change(decoder_radio, model_path, decoder)
         button.click(run, [audio, decoder, model_path], [text, words, spectrogram, posteriorgram, timing],
                      api_name="transcribe")
 
@@ -387,9 +379,8 @@ def build_app(models: ModelChoices, limits: DemoLimits | None = None):
         def show(s: LiveSession):
             return s, s.text, s.info
 
-        live_model.change(lambda p: (gr.Radio(choices=decoder_choices(p), value=default_decoder(p)),
-                                     live_status(models, p)),
-                          live_model, [live_decoder, live_info], **quick)
+        live_model.change(lambda p: (decoder_radio(p), live_status(models, p)), live_model, [live_decoder, live_info],
+                          **quick)
         live_audio.start_recording(lambda s: show(live_start(s)), session, shown, **quick)
         live_audio.stop_recording(lambda s: show(live_stop(s)), session, shown, **quick)
         live_audio.clear(lambda s: show(live_stop(s)), session, shown, **quick)
