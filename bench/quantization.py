@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import asr  # noqa: E402
 from asr.audio import load_audio  # noqa: E402
+from asr.decoding import DECODERS  # noqa: E402
 from asr.device import describe_machine, machine_line  # noqa: E402
 from asr.manifest import read_manifest  # noqa: E402
 from asr.metrics import error_rates  # noqa: E402
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=300)
     parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a laptop app often has one)")
-    parser.add_argument("--decoder", default="greedy", choices=["greedy", "beam"])
+    parser.add_argument("--decoder", default="greedy", choices=list(DECODERS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     utts = read_manifest(args.manifest)[args.skip: args.skip + args.limit]
