@@ -230,3 +230,28 @@ def test_the_callers_config_is_left_unchanged(tone_corpus, tmp_path):
     assert trainer.config.model.vocab_size == len(trainer.vocab) != 40  # the model is sized by the vocabulary
     trainer.fit()
     assert config == before
+
+
+def test_each_train_log_row_is_the_mean_of_the_steps_since_the_last(tone_corpus, tmp_path):
+    """A row's loss is over every utterance of the steps it covers (step 1 alone, then 2-3, 4-6), not the loss of
+    the one step that happens to be logged; grad_norm is their mean."""
+    config = load_config(None, TINY_OVERRIDES + ["train.max_steps=7", "train.log_every_steps=3",
+                                                 "train.eval_every_steps=100", "data.max_batch_seconds=1"])
+    trainer = Trainer(config, tone_corpus, tone_corpus, tmp_path / "exp", progress=False)
+    steps = []
+    train_step = trainer.train_step
+
+    def recorded(batches):
+        metrics = train_step(batches)
+        steps.append((metrics["loss"], metrics["grad_norm"], sum(len(b["ids"]) for b in batches)))
+        return metrics
+    trainer.train_step = recorded
+    trainer.fit()
+    rows = list(csv.DictReader(open(tmp_path / "exp" / "train_log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 3, 6]
+    for row, (first, last) in zip(rows, [(0, 1), (1, 3), (3, 6)]):
+        covered = steps[first:last]
+        utterances = sum(n for _, _, n in covered)
+        assert float(row["loss"]) == pytest.approx(sum(loss * n for loss, _, n in covered) / utterances, abs=1e-3)
+        assert float(row["grad_norm"]) == pytest.approx(sum(g for _, g, _ in covered) / len(covered), abs=1e-2)
+    assert len({n for _, _, n in steps}) > 1 and len({loss for loss, _, _ in steps}) == len(steps)

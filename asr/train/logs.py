@@ -95,6 +95,40 @@ class RunLogs:
         self.writer.close()
 
 
+class IntervalMeans:
+    """The training metrics of the steps since the last logged row, for that row: loss (and any other
+    per-utterance term) weighted by each step's utterances, gradient norm averaged over steps, speed as audio
+    seconds over wall seconds. One step's loss alone swings with what its batch held (digits or long sentences)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.utterances = self.steps = 0
+        self.audio_seconds = self.wall_seconds = self.grad_norm = 0.0
+        self.sums: dict[str, float] = {}
+
+    def add(self, metrics: dict, utterances: int, audio_seconds: float, wall_seconds: float) -> None:
+        """One step's metrics (`loss`, `grad_norm`, optional `consistency`) over its `utterances`; a step that
+        had none (all unreadable) adds only its time."""
+        if utterances:
+            for key in ("loss", "consistency"):
+                if key in metrics:
+                    self.sums[key] = self.sums.get(key, 0.0) + metrics[key] * utterances
+            self.utterances += utterances
+            self.steps += 1
+            self.grad_norm += metrics["grad_norm"]
+        self.audio_seconds += audio_seconds
+        self.wall_seconds += wall_seconds
+
+    def means(self) -> dict:
+        """The interval's loss, consistency, grad_norm and audio_sec_per_sec (rounded for the log)."""
+        means = {key: round(total / max(self.utterances, 1), 4) for key, total in self.sums.items()}
+        means["grad_norm"] = round(self.grad_norm / max(self.steps, 1), 3)
+        means["audio_sec_per_sec"] = round(self.audio_seconds / max(self.wall_seconds, 1e-9), 1)
+        return means
+
+
 def epoch_progress(epoch: int, epochs: int, steps: int, done: int, enabled: bool) -> tqdm:
     """The progress bar of one epoch of `steps` optimiser steps, `done` of them already taken (resuming)."""
     return tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{epochs}", disable=not enabled,
@@ -102,7 +136,7 @@ def epoch_progress(epoch: int, epochs: int, steps: int, done: int, enabled: bool
 
 
 def show_step(bar: tqdm, metrics: dict) -> None:
-    """Advance the bar by one step and show the step's loss, learning rate and speed."""
+    """Advance the bar by one step and show the loss and speed since the last logged row, and the learning rate."""
     bar.update()
     bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
                     speed=f"{metrics['audio_sec_per_sec']:.0f}x")

@@ -60,7 +60,7 @@ from .checkpoints import (
 from .consistency import consistency_loss
 from .data import BucketBatchSampler, SpeechDataset, collate
 from .distributed import all_gather_objects, all_reduce_sum, barrier, init_distributed
-from .logs import LOG_NAMES, RunLogs, discard_logs, epoch_progress, print_line, show_step, trim_logs
+from .logs import LOG_NAMES, IntervalMeans, RunLogs, discard_logs, epoch_progress, print_line, show_step, trim_logs
 
 log = logging.getLogger(__name__)
 # what a one-way model may set differently from the bidirectional model it starts from (train.init_from)
@@ -170,6 +170,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self.best_wer = math.inf
         self.audio_seconds = 0.0  # audio trained on so far, after speed perturbation, all ranks (the logs' audio_hours)
+        self.interval = IntervalMeans()  # the steps since the last train_log.csv row
         self.logs: RunLogs | None = None  # rank 0's, while fit runs
         self.started = math.inf  # time.monotonic() at which fit began
 
@@ -422,12 +423,14 @@ class Trainer:
             now = time.perf_counter()
             seconds = metrics.pop("audio_seconds")
             self.audio_seconds += seconds
-            metrics["audio_sec_per_sec"] = round(seconds / (now - tick), 1)
-            metrics["audio_hours"] = self._audio_hours()
+            self.interval.add(metrics, metrics.pop("utterances"), seconds, now - tick)
             tick = now
+            metrics.update(self.interval.means(), audio_hours=self._audio_hours())
             show_step(bar, metrics)
-            if self.logs is not None and (self.step % train.log_every_steps == 0 or self.step == 1):
-                self.logs.train(self.step, self.epoch, metrics)
+            if self.step % train.log_every_steps == 0 or self.step == 1:
+                if self.logs is not None:
+                    self.logs.train(self.step, self.epoch, metrics)
+                self.interval.reset()
             done = self._reached_max_steps() or self._out_of_time()
             last = done or (self.epoch == train.epochs - 1 and self.batch_in_epoch == epoch_steps)
             if (train.eval_every_steps and self.step % train.eval_every_steps == 0) or last:
@@ -473,7 +476,7 @@ class Trainer:
             log.warning("step %d: no readable utterance, update skipped", self.step)
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
-            return {"loss": 0.0, "grad_norm": 0.0, "lr": lr, "audio_seconds": 0.0,
+            return {"loss": 0.0, "grad_norm": 0.0, "lr": lr, "audio_seconds": 0.0, "utterances": 0,
                     **({"consistency": 0.0} if views == 2 else {})}
         scale = self.dist.world_size / utterances  # DDP averages gradients over ranks
         model = self.ddp or self.model
@@ -516,7 +519,7 @@ class Trainer:
         self.scheduler.step()
         loss_value, consistency_value = (all_reduce_sum(self.dist, sums) / utterances).tolist()  # one collective
         metrics = {"loss": round(loss_value, 4), "grad_norm": round(float(grad_norm), 3), "lr": lr,
-                   "audio_seconds": samples / SAMPLE_RATE}
+                   "audio_seconds": samples / SAMPLE_RATE, "utterances": int(utterances)}
         if views == 2:
             metrics["consistency"] = round(consistency_value, 4)
         return metrics
