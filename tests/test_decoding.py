@@ -42,3 +42,19 @@ def test_all_blank_gives_empty_text():
     lp = posteriors("_____")
     [out] = greedy_decode(lp[None], torch.tensor([5]), VOCAB, 0.02)
     assert out.text == "" and out.words == []
+
+
+def test_letters_spelled_on_the_first_frames_are_timed_with_the_speech_after_the_silence():
+    """A bidirectional model may spell an utterance's first letters on its first frames and the rest of the word
+    after the leading silence: the word starts with that speech (the frame before it), not at 0 s."""
+    lp = posteriors("tw" + "_" * 30 + "o|_one_")  # 'o' on frame 32 (0.64 s)
+    [out] = greedy_decode(lp[None], torch.tensor([len(lp)]), VOCAB, frame_seconds=0.02)
+    assert out.text == "two one"
+    assert [(w.start, w.end) for w in out.words] == [(0.62, 0.66), (0.7, 0.76)]
+    # speech from the first frame on, without a silence after the first letters: times as emitted
+    [out] = greedy_decode(posteriors("tw_o|_one_")[None], torch.tensor([10]), VOCAB, frame_seconds=0.02)
+    assert [(w.start, w.end) for w in out.words] == [(0.0, 0.08), (0.12, 0.18)]
+    # a word spelled whole on the first frames stays there (the speech check judges it)
+    for frames in ("a|" + "_" * 30 + "one_", "a" + "_" * 30 + "|one_"):
+        [out] = greedy_decode(posteriors(frames)[None], torch.tensor([len(frames)]), VOCAB, frame_seconds=0.02)
+        assert [(w.word, w.start) for w in out.words] == [("a", 0.0), ("one", 0.64)]
