@@ -110,3 +110,18 @@ def test_browser_upload_shows_transcript_words_and_plots(demo_url, audio_files, 
         page.get_by_role("button", name="Transcribe").click()
         sync_api.expect(page.get_by_text("silent.wav is silent")).to_be_visible(timeout=30_000)
         browser.close()
+
+
+@pytest.mark.slow
+def test_the_readme_screenshot_script_transcribes_in_the_page_and_saves_it(trained_tiny_model, audio_files,
+                                                                           tmp_path):
+    pytest.importorskip("playwright.sync_api", reason="the screenshot needs playwright (dev extra)")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("screenshot", Path(__file__).parents[1] / "demo" / "screenshot.py")
+    screenshot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screenshot)
+    out = tmp_path / "demo.png"
+    text = screenshot.screenshot(str(trained_tiny_model), str(audio_files["dig a hole"]), str(out), chromium_path())
+    assert text == "dig a hole" and out.stat().st_size > 10_000
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

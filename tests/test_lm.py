@@ -222,6 +222,25 @@ def test_a_model_decodes_as_its_decoder_json_says(trained_tiny_model, tone_corpu
         assert len(radios) == 2 and {r.value for r in radios} == {decoder}  # the upload tab's and the live tab's
 
 
+
+def test_the_demo_builds_a_models_beam_search_before_the_first_request(trained_tiny_model, tone_corpus, tone_lm,
+                                                                       tmp_path, monkeypatch):
+    """The lexicon and LM of the shipped model's beam search take about a second to set up: the demo does it when it
+    loads the model, so its first request is as fast as the next."""
+    from asr.serve import demo, transcribe
+
+    folder = tmp_path / "model"
+    shutil.copytree(trained_tiny_model, folder)
+    store_decoder(folder, tone_lm, {"decoder": "beam", "beam": DecodingOptions(beam_size=20).beam_settings()})
+    built = []
+    real = transcribe.BeamSearchDecoder
+    monkeypatch.setattr(transcribe, "BeamSearchDecoder", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    models = demo.ModelChoices([str(folder)])
+    models.load_all()
+    assert len(built) == 1
+    analysis = demo.analyze(models.get(""), str(tone_corpus.parent / "utt0.wav"), "beam", demo.DemoLimits())
+    assert analysis.text == TEXTS[0] and len(built) == 1
+
 @pytest.mark.slow
 def test_cli_beam_decoding_with_a_hot_word(trained_tiny_model, tone_corpus, tone_lm):
     out = subprocess.run([sys.executable, "-m", "asr.cli", "transcribe", str(tone_corpus.parent / "utt2.wav"),

@@ -76,9 +76,11 @@ class ModelChoices:
         with self._lock:
             if path not in self._models:
                 try:
-                    self._models[path] = load_model(path)
+                    model = load_model(path)
+                    model.decoder()  # its own decoder built now (a beam search's lexicon: ~1 s), not in a request
                 except Exception as e:  # noqa: BLE001 - the operator's own folder: say what is wrong
                     raise DemoError(f"Cannot load the model in {path}: {e}") from None
+                self._models[path] = model
             return self._models[path]
 
     def load_all(self) -> None:
