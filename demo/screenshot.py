@@ -27,7 +27,6 @@ def screenshot(model: str, audio: str, out: str, chromium: str, width: int = 128
     """Transcribe `audio` with the model's own decoder in the demo page; save the page to `out`; return the text."""
     from playwright.sync_api import expect, sync_playwright
 
-    torch.set_grad_enabled(False)
     models = ModelChoices([model])
     models.load_all()
     app = build_app(models)
@@ -60,6 +59,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a model folder (default: the shipped model)")
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     args = parser.parse_args()
+    torch.set_grad_enabled(False)  # as `asr demo` does: no autograd in this process
     text = screenshot(args.model or str(default_model_dir()), args.audio, args.out, args.chromium)
     print(f"{args.out}: {text!r}")
 

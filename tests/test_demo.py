@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from .conftest import TEXTS, chromium_path, served_demo, tone_speech, write_tone_files
 
@@ -125,3 +126,4 @@ def test_the_readme_screenshot_script_transcribes_in_the_page_and_saves_it(train
     text = screenshot.screenshot(str(trained_tiny_model), str(audio_files["dig a hole"]), str(out), chromium_path())
     assert text == "dig a hole" and out.stat().st_size > 10_000
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert torch.is_grad_enabled()  # the tests after this one train in the same process
