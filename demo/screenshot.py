@@ -9,18 +9,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 
 import torch
 from PIL import Image
 
 from asr.serve.demo import ModelChoices, build_app, default_model_dir
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def screenshot(model: str, audio: str, out: str, chromium: str, width: int = 1280) -> str:
@@ -30,13 +23,12 @@ def screenshot(model: str, audio: str, out: str, chromium: str, width: int = 128
     models = ModelChoices([model])
     models.load_all()
     app = build_app(models)
-    port = free_port()
-    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    app.queue().launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)  # the first free port
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, headless=True)
             page = browser.new_page(viewport={"width": width, "height": 1300})
-            page.goto(f"http://127.0.0.1:{port}/")
+            page.goto(app.local_url)
             upload = page.locator("input[type=file]").first
             upload.wait_for(state="attached", timeout=60_000)
             upload.set_input_files(audio)

@@ -222,7 +222,6 @@ def test_a_model_decodes_as_its_decoder_json_says(trained_tiny_model, tone_corpu
         assert len(radios) == 2 and {r.value for r in radios} == {decoder}  # the upload tab's and the live tab's
 
 
-
 def test_the_demo_builds_a_models_beam_search_before_the_first_request(trained_tiny_model, tone_corpus, tone_lm,
                                                                        tmp_path, monkeypatch):
     """The lexicon and LM of the shipped model's beam search take about a second to set up: the demo does it when it
@@ -240,6 +239,7 @@ def test_the_demo_builds_a_models_beam_search_before_the_first_request(trained_t
     assert len(built) == 1
     analysis = demo.analyze(models.get(""), str(tone_corpus.parent / "utt0.wav"), "beam", demo.DemoLimits())
     assert analysis.text == TEXTS[0] and len(built) == 1
+
 
 @pytest.mark.slow
 def test_cli_beam_decoding_with_a_hot_word(trained_tiny_model, tone_corpus, tone_lm):
