@@ -62,6 +62,9 @@ class TrainConfig:
     ema_decay: float = 0.0  # >0: evaluate and keep an exponential moving average of the weights (e.g. 0.998)
     consistency_weight: float = 0.0  # >0: CR-CTC: each utterance twice, differently augmented, the two views'
     # posteriors pulled together with this weight (e.g. 0.2; asr/train/consistency.py); twice the compute per step
+    intermediate_ctc_weight: float = 0.0  # >0: intermediate CTC: the loss is (1 - w) * CTC + w * the CTC of the
+    # output head applied to a middle GRU layer's output (Lee and Watanabe, 2021); no new weights
+    intermediate_ctc_layer: int = 0  # that GRU layer, 1-based; 0: the middle one, (gru_layers + 1) // 2
     compile: bool = False  # torch.compile the convolutional front (dynamic shapes)
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
     eval_every_steps: int = 0  # 0: at the end of every epoch
@@ -84,8 +87,12 @@ class TrainConfig:
         check_number("grad_accumulation", self.grad_accumulation, 1, 100_000, integer=True)
         check_number("ema_decay", self.ema_decay, 0, 1)
         check_number("consistency_weight", self.consistency_weight, 0, 1000)
+        check_number("intermediate_ctc_weight", self.intermediate_ctc_weight, 0, 1)
+        check_number("intermediate_ctc_layer", self.intermediate_ctc_layer, 0, 10_000, integer=True)
         if self.ema_decay == 1:
             raise ValueError("ema_decay: must be below 1 (1 never updates the average), got 1")
+        if self.intermediate_ctc_weight == 1:
+            raise ValueError("intermediate_ctc_weight: must be below 1 (1 never trains the output layer), got 1")
         check_number("log_every_steps", self.log_every_steps, 1, 10**12, integer=True)
         check_number("keep_checkpoints", self.keep_checkpoints, 1, 10_000, integer=True)
         check_number("seed", self.seed, 0, 2**63 - 1, integer=True)

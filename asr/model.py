@@ -363,14 +363,25 @@ class DeepSpeech2(nn.Module):
         low, high = self.config.features.vtlp_warp
         return low + (high - low) * torch.rand(batch)
 
-    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor, intermediate_layer: int = 0
+                ) -> tuple[torch.Tensor, ...]:
         """waves: (batch, samples) float, lengths: (batch,) -> log-probs (batch, frames, vocab), frames.
-        In training mode the features are augmented (vocal tract length perturbation, SpecAugment)."""
+        In training mode the features are augmented (vocal tract length perturbation, SpecAugment).
+        With `intermediate_layer` k > 0, a third output: the log-probs that the same head reads from GRU layer k's
+        output (1-based), for intermediate CTC (Lee and Watanabe, 2021)."""
+        if not 0 <= intermediate_layer <= len(self.rnns):
+            raise ValueError(f"intermediate_layer: a GRU layer from 1 to {len(self.rnns)} (0: none), "
+                             f"got {intermediate_layer}")
         warps = self.draw_warps(len(waves)) if self.training else None
         feats, frames = self.input_features(waves, lengths, warps)
         feats = self.spec_augment(feats, frames)
         x, out_lengths = self.conv(feats.transpose(1, 2), frames)
-        for rnn in self.rnns:
+        intermediate = None
+        for layer, rnn in enumerate(self.rnns, 1):
             x = rnn(x, out_lengths)
+            if layer == intermediate_layer:
+                intermediate = self.head(x).float().log_softmax(-1)
         logits = self.head(self.lookahead(x, out_lengths))
-        return logits.float().log_softmax(-1), out_lengths
+        if intermediate is None:
+            return logits.float().log_softmax(-1), out_lengths
+        return logits.float().log_softmax(-1), out_lengths, intermediate

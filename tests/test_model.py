@@ -139,6 +139,24 @@ def test_vocal_tract_length_perturbation_scales_frequencies():
     assert not torch.allclose(both[1:, :, : int(frames)], plain[1:, :, : int(frames)], atol=1e-2)
 
 
+def test_intermediate_log_probs_come_from_the_asked_gru_layer():
+    """forward(..., intermediate_layer=k): a third output, the shared head on GRU layer k's output; on the last
+    layer that is the output itself (a bidirectional model has no lookahead)."""
+    torch.manual_seed(0)
+    model = DeepSpeech2(ModelConfig(**SMALL, dropout=0.0)).eval()
+    wave, lengths = torch.randn(2, 8000), torch.tensor([8000, 6000])
+    log_probs, frames = model(wave, lengths)
+    last = model(wave, lengths, intermediate_layer=2)
+    assert torch.equal(last[0], log_probs) and torch.equal(last[1], frames) and torch.allclose(last[2], log_probs)
+    first = model(wave, lengths, intermediate_layer=1)[2]
+    assert first.shape == log_probs.shape and not torch.allclose(first, log_probs, atol=1e-3)
+    feats, feature_frames = model.input_features(wave, lengths)
+    x, out_lengths = model.conv(feats.transpose(1, 2), feature_frames)
+    assert torch.allclose(first, model.head(model.rnns[0](x, out_lengths)).log_softmax(-1))
+    with pytest.raises(ValueError, match="intermediate_layer: a GRU layer from 1 to 2"):
+        model(wave, lengths, intermediate_layer=3)
+
+
 def test_vocal_tract_length_perturbation_only_in_training():
     torch.manual_seed(0)
     features = FeatureConfig(vtlp_warp=[0.9, 1.1], freq_masks=0, time_masks=0)

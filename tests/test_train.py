@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import asr
 from asr.checkpoint import load_trainer_state
-from asr.config import load_config
+from asr.config import ConfigError, load_config
 from asr.manifest import ManifestError
 from asr.train.trainer import Trainer
 
@@ -221,6 +221,42 @@ def test_consistency_regularised_training_is_ctc_when_both_views_are_the_same(to
     augmented.fit()
     rows = list(csv.DictReader(open(tmp_path / "augmented" / "train_log.csv")))
     assert all(float(r["consistency"]) > 0 for r in rows)
+
+
+def test_intermediate_ctc_on_the_last_layer_is_plain_ctc(tone_corpus, tmp_path):
+    """train.intermediate_ctc_weight: (1 - w) * CTC + w * the CTC read from a middle GRU layer through the same
+    head. Read from the last layer, that is the output itself: the steps are plain CTC's and both terms logged
+    equal; from a lower layer, the term differs and the steps do too."""
+    steps = ["train.max_steps=3", "train.eval_every_steps=100", "train.log_every_steps=1"]
+
+    def fit(name: str, *overrides: str) -> Trainer:
+        trainer = Trainer(load_config(None, TINY_OVERRIDES + steps + list(overrides)), tone_corpus, tone_corpus,
+                          tmp_path / name, progress=False)
+        trainer.fit()
+        return trainer
+
+    def rows(name: str) -> list[dict]:
+        return list(csv.DictReader(open(tmp_path / name / "train_log.csv")))
+
+    plain = fit("plain")
+    last = fit("last", "train.intermediate_ctc_weight=0.3", "train.intermediate_ctc_layer=1")
+    for name, value in plain.model.state_dict().items():
+        assert torch.allclose(value, last.model.state_dict()[name], atol=1e-5), name
+    assert [float(r["intermediate"]) for r in rows("last")] == [float(r["loss"]) for r in rows("last")]
+    assert [float(r["loss"]) for r in rows("last")] == pytest.approx([float(r["loss"]) for r in rows("plain")],
+                                                                      rel=1e-5)
+    two = ["model.gru_layers=2", "train.seed=3"]
+    deep = fit("deep", *two)
+    middle = fit("middle", *two, "train.intermediate_ctc_weight=0.3")  # the middle of 2 layers: the first
+    assert middle.intermediate_layer == 1
+    assert all(float(r["intermediate"]) != float(r["loss"]) for r in rows("middle"))
+    assert not torch.allclose(deep.model.rnns[0].gru.weight_ih_l0, middle.model.rnns[0].gru.weight_ih_l0)
+    with pytest.raises(ConfigError, match="intermediate_ctc_layer.*2 GRU layers, got 3"):
+        Trainer(load_config(None, TINY_OVERRIDES + two + ["train.intermediate_ctc_weight=0.3",
+                                                          "train.intermediate_ctc_layer=3"]),
+                tone_corpus, tone_corpus, tmp_path / "bad", progress=False)
+    with pytest.raises(ConfigError, match="intermediate_ctc_weight: must be below 1"):
+        load_config(None, ["train.intermediate_ctc_weight=1"])
 
 
 def test_the_callers_config_is_left_unchanged(tone_corpus, tmp_path):

@@ -34,7 +34,7 @@ from ..checkpoint import (
     reported_write_errors,
     save_model,
 )
-from ..config import ExperimentConfig, config_to_dict
+from ..config import ConfigError, ExperimentConfig, config_to_dict
 from ..device import autocast, autocast_dtype, resolve_device
 from ..features import GLOBAL_STATISTICS
 from ..files import write_text_atomically
@@ -139,6 +139,12 @@ class Trainer:
         check_audio_files(self.dev_utts, dev_manifest)
         self.skipped_utterances = 0  # audio that passed the check but failed to decode during training
 
+        gru_layers = self.config.model.gru_layers
+        self.intermediate_layer = ((train.intermediate_ctc_layer or (gru_layers + 1) // 2)
+                                   if train.intermediate_ctc_weight else 0)  # intermediate CTC's GRU layer, or 0
+        if self.intermediate_layer > gru_layers:
+            raise ConfigError(f"train.intermediate_ctc_layer: the model has {gru_layers} GRU layers, "
+                              f"got {self.intermediate_layer}")
         torch.manual_seed(train.seed)
         self.model = DeepSpeech2(self.config.model).to(self.device)
         self.train_utts = self._trainable(self.train_utts, train_manifest)
@@ -477,10 +483,12 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
             return {"loss": 0.0, "grad_norm": 0.0, "lr": lr, "audio_seconds": 0.0, "utterances": 0,
-                    **({"consistency": 0.0} if views == 2 else {})}
+                    **({"consistency": 0.0} if views == 2 else {}),
+                    **({"intermediate": 0.0} if self.intermediate_layer else {})}
         scale = self.dist.world_size / utterances  # DDP averages gradients over ranks
         model = self.ddp or self.model
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # CTC loss, consistency term
+        inter_weight = train.intermediate_ctc_weight
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # CTC loss, consistency, intermediate CTC
         for i, batch in enumerate(batches):
             if not batch["ids"]:  # all failed to load; under DDP, still take part in every collective
                 if self.ddp is not None:
@@ -496,11 +504,13 @@ class Trainer:
                     waves, lengths = waves.repeat(2, 1), lengths.repeat(2)
                     targets, target_lengths = targets.repeat(2), target_lengths.repeat(2)
                 with autocast(self.device, self.amp_dtype):
-                    log_probs, out_lengths = model(waves, lengths)
-                loss = torch.nn.functional.ctc_loss(
-                    log_probs.transpose(0, 1), targets, out_lengths, target_lengths, blank=self.vocab.blank,
-                    reduction="sum", zero_infinity=True) / views
+                    log_probs, out_lengths, *intermediate = model(waves, lengths, self.intermediate_layer)
+                loss = self._ctc_loss(log_probs, out_lengths, targets, target_lengths) / views
                 total = loss
+                if intermediate:  # intermediate CTC: the same targets, read from a middle layer
+                    inter_loss = self._ctc_loss(intermediate[0], out_lengths, targets, target_lengths) / views
+                    total = (1 - inter_weight) * loss + inter_weight * inter_loss
+                    sums[2] += inter_loss.detach()
                 if views == 2:
                     consistency = consistency_loss(*log_probs.chunk(2), out_lengths.chunk(2)[0])
                     total = loss + train.consistency_weight * consistency
@@ -517,9 +527,17 @@ class Trainer:
                         batches[0]["ids"][:4])
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        loss_value, consistency_value = (all_reduce_sum(self.dist, sums) / utterances).tolist()  # one collective
+        loss_value, consistency_value, inter_value = (all_reduce_sum(self.dist, sums) / utterances).tolist()
         metrics = {"loss": round(loss_value, 4), "grad_norm": round(float(grad_norm), 3), "lr": lr,
                    "audio_seconds": samples / SAMPLE_RATE, "utterances": int(utterances)}
         if views == 2:
             metrics["consistency"] = round(consistency_value, 4)
+        if self.intermediate_layer:
+            metrics["intermediate"] = round(inter_value, 4)
         return metrics
+
+    def _ctc_loss(self, log_probs: torch.Tensor, out_lengths: torch.Tensor, targets: torch.Tensor,
+                  target_lengths: torch.Tensor) -> torch.Tensor:
+        """The CTC loss of (batch, frames, vocab) log-probs, summed over the batch."""
+        return torch.nn.functional.ctc_loss(log_probs.transpose(0, 1), targets, out_lengths, target_lengths,
+                                            blank=self.vocab.blank, reduction="sum", zero_infinity=True)
