@@ -1,6 +1,7 @@
 import copy
 import csv
 import json
+import time
 
 import pytest
 import torch
@@ -257,6 +258,21 @@ def test_intermediate_ctc_on_the_last_layer_is_plain_ctc(tone_corpus, tmp_path):
                 tone_corpus, tone_corpus, tmp_path / "bad", progress=False)
     with pytest.raises(ConfigError, match="intermediate_ctc_weight: must be below 1"):
         load_config(None, ["train.intermediate_ctc_weight=1"])
+
+
+def test_training_speed_leaves_out_evaluation_time(tone_corpus, tmp_path):
+    """audio_sec_per_sec is training's speed: a dev evaluation between two steps (here one that takes 3 s) is not
+    counted as the time of the step after it."""
+    config = load_config(None, TINY_OVERRIDES + ["train.max_steps=6", "train.log_every_steps=2",
+                                                 "train.eval_every_steps=2", "data.max_batch_seconds=1"])
+    trainer = Trainer(config, tone_corpus, tone_corpus, tmp_path / "exp", progress=False)
+    trainer._evaluate_and_checkpoint = lambda: time.sleep(3)
+    trainer.fit()
+    rows = list(csv.DictReader(open(tmp_path / "exp" / "train_log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 4, 6]
+    hours = [0.0] + [float(r["audio_hours"]) for r in rows]
+    for row, before in zip(rows, hours):  # each row's audio (about 2 s) over at least 3 s if the sleep counted
+        assert float(row["audio_sec_per_sec"]) > 2 * (float(row["audio_hours"]) - before) * 3600 / 3, rows
 
 
 def test_the_callers_config_is_left_unchanged(tone_corpus, tmp_path):

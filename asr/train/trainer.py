@@ -441,6 +441,7 @@ class Trainer:
             last = done or (self.epoch == train.epochs - 1 and self.batch_in_epoch == epoch_steps)
             if (train.eval_every_steps and self.step % train.eval_every_steps == 0) or last:
                 self._evaluate_and_checkpoint()
+                tick = time.perf_counter()  # the speed logged is training's: the evaluation is not in it
             elif train.checkpoint_every_steps and self.step % train.checkpoint_every_steps == 0:
                 self.save_checkpoint()
         bar.close()
