@@ -252,6 +252,9 @@ def test_intermediate_ctc_on_the_last_layer_is_plain_ctc(tone_corpus, tmp_path):
     assert middle.intermediate_layer == 1
     assert all(float(r["intermediate"]) != float(r["loss"]) for r in rows("middle"))
     assert not torch.allclose(deep.model.rnns[0].gru.weight_ih_l0, middle.model.rnns[0].gru.weight_ih_l0)
+    cr = ["train.consistency_weight=0.5", "model.dropout=0.2"]  # with CR-CTC too, the term still counts
+    cr_alone, cr_middle = fit("cr", *two, *cr), fit("cr-middle", *two, *cr, "train.intermediate_ctc_weight=0.3")
+    assert not torch.allclose(cr_alone.model.rnns[0].gru.weight_ih_l0, cr_middle.model.rnns[0].gru.weight_ih_l0)
     with pytest.raises(ConfigError, match="intermediate_ctc_layer.*2 GRU layers, got 3"):
         Trainer(load_config(None, TINY_OVERRIDES + two + ["train.intermediate_ctc_weight=0.3",
                                                           "train.intermediate_ctc_layer=3"]),

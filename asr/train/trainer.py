@@ -514,7 +514,7 @@ class Trainer:
                     sums[2] += inter_loss.detach()
                 if views == 2:
                     consistency = consistency_loss(*log_probs.chunk(2), out_lengths.chunk(2)[0])
-                    total = loss + train.consistency_weight * consistency
+                    total = total + train.consistency_weight * consistency
                     sums[1] += consistency.detach()
                 (total * scale).backward()
             sums[0] += loss.detach()
