@@ -87,9 +87,10 @@ def test_the_trainer_checks_that_two_ranks_can_share_the_batches(tone_corpus, tm
 
 
 def _train(args: list[str], out, env) -> list[dict]:
-    subprocess.run(args + ["train", "--train", str(env["CORPUS"]), "--dev", str(env["CORPUS"]), "--out", str(out),
-                           "--no-progress", *env["OVERRIDES"]], check=True, env=env["ENV"], timeout=600,
-                   capture_output=True)
+    run = subprocess.run(args + ["train", "--train", str(env["CORPUS"]), "--dev", str(env["CORPUS"]), "--out",
+                                 str(out), "--no-progress", *env["OVERRIDES"]], env=env["ENV"], timeout=600,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, f"{' '.join(run.args[:6])} ... exited {run.returncode}:\n{run.stderr[-6000:]}"
     return list(csv.DictReader(open(out / "train_log.csv")))
 
 
