@@ -381,7 +381,5 @@ class DeepSpeech2(nn.Module):
             x = rnn(x, out_lengths)
             if layer == intermediate_layer:
                 intermediate = self.head(x).float().log_softmax(-1)
-        logits = self.head(self.lookahead(x, out_lengths))
-        if intermediate is None:
-            return logits.float().log_softmax(-1), out_lengths
-        return logits.float().log_softmax(-1), out_lengths, intermediate
+        log_probs = self.head(self.lookahead(x, out_lengths)).float().log_softmax(-1)
+        return (log_probs, out_lengths) if intermediate is None else (log_probs, out_lengths, intermediate)

@@ -488,7 +488,6 @@ class Trainer:
                     **({"intermediate": 0.0} if self.intermediate_layer else {})}
         scale = self.dist.world_size / utterances  # DDP averages gradients over ranks
         model = self.ddp or self.model
-        inter_weight = train.intermediate_ctc_weight
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # CTC loss, consistency, intermediate CTC
         for i, batch in enumerate(batches):
             if not batch["ids"]:  # all failed to load; under DDP, still take part in every collective
@@ -510,7 +509,8 @@ class Trainer:
                 total = loss
                 if intermediate:  # intermediate CTC: the same targets, read from a middle layer
                     inter_loss = self._ctc_loss(intermediate[0], out_lengths, targets, target_lengths) / views
-                    total = (1 - inter_weight) * loss + inter_weight * inter_loss
+                    weight = train.intermediate_ctc_weight
+                    total = (1 - weight) * loss + weight * inter_loss
                     sums[2] += inter_loss.detach()
                 if views == 2:
                     consistency = consistency_loss(*log_probs.chunk(2), out_lengths.chunk(2)[0])
