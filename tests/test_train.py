@@ -101,6 +101,14 @@ def test_restart_discards_the_old_run(tone_corpus, tmp_path):
     assert [r["step"] for r in csv.DictReader(open(tmp_path / "r" / "eval_log.csv"))] == ["3"]
 
 
+def test_eval_log_counts_the_epochs_finished_the_last_included(tone_corpus, tmp_path):
+    trainer = _run(tone_corpus, tmp_path / "r", **{"train.epochs": 3, "train.eval_every_steps": 0})
+    trainer.fit()
+    rows = list(csv.DictReader(open(tmp_path / "r" / "eval_log.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]  # the last, at the end of epoch 3, once said 2
+    assert rows[-1]["step"] == str(trainer.step)
+
+
 def test_init_from_starts_at_the_given_weights_and_refuses_another_architecture(trained_tiny_model, tone_corpus,
                                                                               tmp_path):
     from asr.checkpoint import CheckpointError

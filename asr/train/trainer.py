@@ -286,7 +286,7 @@ class Trainer:
 
     def _metadata(self) -> dict:
         best = self.best_wer if math.isfinite(self.best_wer) else None  # JSON has no infinity
-        return {"step": self.step, "epoch": self.epoch, "best_dev_wer": best,
+        return {"step": self.step, "epoch": self._epochs_finished(), "best_dev_wer": best,
                 "experiment": config_to_dict(self.config)}
 
     # ---------------------------------------------------------------- evaluation
@@ -306,7 +306,7 @@ class Trainer:
         finally:
             self.eval_model.train(training)
         rates = error_rates([u.text for u in self.dev_utts], [h.text for h in hyps])
-        return {"step": self.step, "epoch": self.epoch, "dev_loss": round(loss, 4),
+        return {"step": self.step, "epoch": self._epochs_finished(), "dev_loss": round(loss, 4),
                 "dev_wer": round(rates.wer, 5), "dev_cer": round(rates.cer, 5)}
 
     def _evaluate_and_checkpoint(self) -> None:
@@ -401,6 +401,10 @@ class Trainer:
         used[self.dist.rank] = (time.monotonic() - self.started) / (60 * self.config.train.max_minutes)
         self.time_used = all_reduce_sum(self.dist, used).max().item()
         return self.time_used >= 1
+
+    def _epochs_finished(self) -> int:
+        """Whole epochs done: self.epoch, the epoch in progress, until the loop moves on past its last batch."""
+        return self.epoch + (self.batch_in_epoch >= self._epoch_steps(self.epoch))
 
     def _audio_hours(self) -> float:
         return round(self.audio_seconds / 3600, 5)
