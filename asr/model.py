@@ -363,16 +363,19 @@ class DeepSpeech2(nn.Module):
         low, high = self.config.features.vtlp_warp
         return low + (high - low) * torch.rand(batch)
 
-    def forward(self, waves: torch.Tensor, lengths: torch.Tensor, intermediate_layer: int = 0
-                ) -> tuple[torch.Tensor, ...]:
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor, intermediate_layer: int = 0,
+                warps: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """waves: (batch, samples) float, lengths: (batch,) -> log-probs (batch, frames, vocab), frames.
         In training mode the features are augmented (vocal tract length perturbation, SpecAugment).
         With `intermediate_layer` k > 0, a third output: the log-probs that the same head reads from GRU layer k's
-        output (1-based), for intermediate CTC (Lee and Watanabe, 2021)."""
+        output (1-based), for intermediate CTC (Lee and Watanabe, 2021).
+        `warps` (batch,): each utterance's frequency warp factor (LogMel.raw's), in any mode, instead of those
+        drawn in training (e.g. a test-time warp, bench/test_time_views.py)."""
         if not 0 <= intermediate_layer <= len(self.rnns):
             raise ValueError(f"intermediate_layer: a GRU layer from 1 to {len(self.rnns)} (0: none), "
                              f"got {intermediate_layer}")
-        warps = self.draw_warps(len(waves)) if self.training else None
+        if warps is None and self.training:
+            warps = self.draw_warps(len(waves))
         feats, frames = self.input_features(waves, lengths, warps)
         feats = self.spec_augment(feats, frames)
         x, out_lengths = self.conv(feats.transpose(1, 2), frames)

@@ -173,6 +173,21 @@ def test_vocal_tract_length_perturbation_only_in_training():
             FeatureConfig(vtlp_warp=bad)
 
 
+def test_a_warp_given_applies_in_evaluation_too():
+    """forward(..., warps=...): those factors, also in eval mode (a test-time warp, bench/test_time_views.py)."""
+    torch.manual_seed(0)
+    model = DeepSpeech2(ModelConfig(**SMALL, dropout=0.0)).eval()
+    wave, lengths = torch.randn(2, 8000), torch.tensor([8000, 6000])
+    warped = model(wave, lengths, warps=torch.tensor([0.9, 1.0]))[0]
+    features, frames = model.input_features(wave, lengths, torch.tensor([0.9, 1.0]))
+    x, out_lengths = model.conv(features.transpose(1, 2), frames)
+    for rnn in model.rnns:
+        x = rnn(x, out_lengths)
+    assert torch.allclose(warped, model.head(x).log_softmax(-1), atol=1e-5)
+    plain = model(wave, lengths)[0]
+    assert not torch.allclose(warped[0], plain[0], atol=1e-3) and torch.allclose(warped[1], plain[1], atol=1e-4)
+
+
 @pytest.mark.parametrize("one_way", [False, True])
 def test_a_widened_model_computes_what_its_source_does(one_way):
     """Net2Net widening: k copies of every GRU unit, read at 1/k each, give the source's outputs; noise sets them
