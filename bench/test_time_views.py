@@ -47,6 +47,18 @@ def view_outputs(model, wave: torch.Tensor, kind: str, factor: float) -> tuple[s
     return text, log_probs[0, : int(frames[0])].max(-1).values.mean().item()
 
 
+def read_utt2spk(path: str) -> dict[str, str]:
+    """Kaldi's utt2spk: one "utterance speaker" pair a line."""
+    speaker_of = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        fields = line.split()
+        if len(fields) != 2 and fields:
+            raise SystemExit(f"{path}, line {number}: not an utterance id and a speaker id: {line!r}")
+        if fields:
+            speaker_of[fields[0]] = fields[1]
+    return speaker_of
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="a model folder (default: the shipped English model)")
@@ -58,11 +70,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", required=True, help="folder for results.json and results.md")
     args = parser.parse_args(argv)
+    if not all(0.5 <= f <= 2 for f in args.warps + args.speeds):
+        parser.error(f"--warps and --speeds: factors from 0.5 to 2, got {args.warps} and {args.speeds}")
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device="cpu", backend="torch", precision="fp32")
     utts = read_manifest(args.manifest)[: args.limit or None]
-    speaker_of = dict(line.split()[:2] for line in open(args.utt2spk) if line.strip()) if args.utt2spk else {}
+    speaker_of = read_utt2spk(args.utt2spk) if args.utt2spk else {}
     views = [("warp", 1.0)] + [("warp", w) for w in args.warps if w != 1.0] + [
         ("speed", s) for s in args.speeds if s != 1.0]
     outputs: list[dict] = []  # per utterance: {(kind, factor): (text, confidence)}

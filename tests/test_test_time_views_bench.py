@@ -47,3 +47,14 @@ def test_the_plain_view_is_greedy_transcription_and_a_speaker_gets_one_factor(tm
     assert rows["warp 0.9, every utterance"]["factors"] == {"0.9": len(TEXTS)}
     assert "| none |" in (tmp_path / "out" / "results.md").read_text()
     assert json.loads((tmp_path / "out" / "results.json").read_text())["rows"] == results["rows"]
+
+
+def test_bad_factors_and_speaker_lists_are_clear_errors(tmp_path, capsys):
+    manifest = write_tone_corpus(tmp_path / "corpus", texts=TEXTS[:1])
+    with pytest.raises(SystemExit):
+        views.main(["--manifest", str(manifest), "--speeds", "0", "--out", str(tmp_path / "out")])
+    assert "factors from 0.5 to 2" in capsys.readouterr().err
+    (tmp_path / "utt2spk").write_text("u0 a\nu1\n")
+    with pytest.raises(SystemExit, match="utt2spk, line 2: not an utterance id and a speaker id: 'u1'"):
+        views.main(["--manifest", str(manifest), "--utt2spk", str(tmp_path / "utt2spk"),
+                    "--out", str(tmp_path / "out")])
