@@ -64,11 +64,12 @@ def training_time(run: str | Path, to_step: int | None = None) -> TrainingTime:
             if row_hours < hours:
                 raise TrainLogError(f"{path}, line {line}: audio_hours {row_hours} after {hours} "
                                     "(rows out of order, or two runs' logs in one file?)")
-            if speed <= 0 and row_hours > hours:
-                raise TrainLogError(f"{path}, line {line}: {speed} audio s/s for {row_hours - hours:.4f} "
-                                    "audio-hours, so its time cannot be told (a long pause?); --to-step "
-                                    "can stop before it")
-            seconds += (row_hours - hours) * 3600 / speed if row_hours > hours else 0.0
+            if row_hours > hours:
+                if speed <= 0:
+                    raise TrainLogError(f"{path}, line {line}: {speed} audio s/s for {row_hours - hours:.4f} "
+                                        "audio-hours, so its time cannot be told (a long pause?); --to-step "
+                                        "can stop before it")
+                seconds += (row_hours - hours) * 3600 / speed
             hours, step = row_hours, row_step
             speeds.append(speed)
     if not speeds:
