@@ -153,3 +153,41 @@ def test_gpu_recipe_dry_run_on_the_cpu(corpora, tmp_path):
     assert json.loads((out / "config.json").read_text())["train"]["max_minutes"] > 0  # gpu.yaml's time budget
     model = asr.load_model(out)
     assert isinstance(model.transcribe(tone_speech("one"), sample_rate=16000).text, str)
+
+
+def _soup(pack: Path, out: Path, tmp: Path, *overrides: str, runs: str | None = None):
+    env = {**os.environ, "PYTHON": sys.executable, "SOUP_TMP": str(tmp), "OMP_NUM_THREADS": "1"}
+    if runs:
+        env["SOUP_RUNS"] = runs
+    return subprocess.run([str(RECIPE / "gpu_soup.sh"), str(pack), str(out), "1", "train.precision=fp32",
+                           "data.num_workers=0", *overrides], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_gpu_soup_fine_tunes_the_shipped_model_four_ways_each_into_its_own_tar(corpora, tmp_path):
+    import tarfile
+
+    pack = tmp_path / "pack"
+    gpu_pack.main(_pack_args(corpora, pack, "--max-mib", "1"))
+    done = _soup(pack, tmp_path / "out", tmp_path / "tmp", "train.max_steps=1")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    configs = {}
+    for name in ("ft8", "ftwarp", "ftreg", "ftlow"):
+        assert f"{name}: dev WER" in done.stdout
+        with tarfile.open(tmp_path / "out" / f"{name}.tar") as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            assert {"model.safetensors", "model.json", "results.json", "config.json", "run.log"} <= members.keys()
+            assert len(members) <= 8 and members["model.safetensors"].size < 8 * 2**20
+            configs[name] = json.load(tar.extractfile(members["config.json"]))
+    assert all(Path(c["train"]["init_from"]).resolve() == ROOT / "asr/default_model" for c in configs.values())
+    assert sorted(c["train"]["seed"] for c in configs.values()) == [1, 2, 3, 4]
+    assert configs["ftwarp"]["model"]["features"]["vtlp_warp"] == [0.9, 1.1]
+    assert configs["ftreg"]["model"]["dropout"] == 0.3 and configs["ftlow"]["train"]["ema_decay"] == 0.999
+
+    # a bad override: each run fails and says why, and its log still comes back in its tar
+    done = _soup(pack, tmp_path / "bad", tmp_path / "tmp2", "train.nonsense=1", runs="ft8 ftlow")
+    assert done.returncode == 1 and "ft8: failed" in done.stdout and "ftlow: failed" in done.stdout
+    with tarfile.open(tmp_path / "bad" / "ftlow.tar") as tar:
+        log = tar.extractfile("soup-out-ftlow/run.log").read().decode()
+    assert "nonsense" in log and not (tmp_path / "bad" / "ftwarp.tar").exists()
+    assert _soup(pack, tmp_path / "bad", tmp_path / "tmp2", runs="ft9").returncode == 2  # no such run
