@@ -26,6 +26,7 @@ from .features import TRAINING_ONLY_KEYS
 from .files import recover_dir, write_dir_atomically  # noqa: F401 - re-exported
 from .model import DeepSpeech2, ModelConfig
 from .text import Vocabulary
+from .word_pieces import WordPieceVocabulary
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
@@ -60,6 +61,7 @@ def save_model(path: str | os.PathLike, model: DeepSpeech2, vocab: Vocabulary, m
         "format_version": FORMAT_VERSION,
         "config": dataclasses.asdict(model.config),
         "vocabulary": vocab.tokens,
+        **({"tokenizer": vocab.to_json()} if isinstance(vocab, WordPieceVocabulary) else {}),
         "normalization": {
             "type": model.config.features.normalization,
             "mean": model.features.mean.tolist(),
@@ -115,7 +117,7 @@ def read_model_json(folder: str | os.PathLike) -> tuple[ModelConfig, Vocabulary,
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
         raise CheckpointError(f"{meta_file}: corrupt, vocabulary must be a list of strings, got {tokens!r}")
     try:
-        vocab = Vocabulary(tokens)
+        vocab = WordPieceVocabulary.from_json(meta["tokenizer"], tokens) if "tokenizer" in meta else Vocabulary(tokens)
     except ValueError as e:
         raise CheckpointError(f"{meta_file}: invalid vocabulary: {e}") from None
     if config.vocab_size != len(vocab):

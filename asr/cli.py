@@ -1,4 +1,5 @@
-"""The `asr` command: prepare, train, average, evaluate, transcribe, export, lm (build, tune, ...) and demo."""
+"""The `asr` command: prepare, word-pieces, train, average, evaluate, transcribe, export, lm (build, tune, ...) and
+demo."""
 
 from __future__ import annotations
 
@@ -105,6 +106,17 @@ def cmd_average(args: argparse.Namespace) -> None:
         folders = last_checkpoints(Path(args.run), args.last)
     average_checkpoints(folders, Path(args.out))
     print(f"{args.out}: the mean of {len(folders)} model(s): {' '.join(f.name for f in folders)}")
+
+
+def cmd_word_pieces(args: argparse.Namespace) -> None:
+    from .lm.language_model import normalized_sentences
+    from .text import WORD_START, Vocabulary
+    from .word_pieces import build_word_pieces
+
+    vocab = build_word_pieces(normalized_sentences(args.text, Vocabulary()), args.vocab_size, args.out)
+    whole = sum(t.startswith(WORD_START) and len(t) > 2 for t in vocab.tokens)
+    print(f"{args.out}: {len(vocab)} tokens (the blank included), {whole} of them a word start of 2+ letters; "
+          f"train with train.tokenizer={args.out}")
 
 
 def _decoding_options(args: argparse.Namespace) -> dict:
@@ -313,6 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last", type=int, default=5, help="with --run: how many checkpoints (default 5)")
     p.add_argument("--out", required=True, help="model folder to write")
     p.set_defaults(func=cmd_average)
+
+    p = sub.add_parser("word-pieces", help="learn word pieces for a model to emit instead of characters",
+                       description="Learn a sentencepiece unigram model of --vocab-size pieces from text; "
+                                   "`asr train ... train.tokenizer=OUT` then trains a model that emits them "
+                                   "(with train.init_from a character model, all but its output layer).")
+    p.add_argument("--text", nargs="+", required=True, help="text files (.txt/.gz, a sentence a line) or .jsonl "
+                   "manifests (their text); never dev or test transcripts")
+    p.add_argument("--vocab-size", type=int, default=256, help="pieces, the CTC blank included (default 256)")
+    p.add_argument("--out", required=True, help="the sentencepiece model file to write")
+    p.set_defaults(func=cmd_word_pieces)
 
     sub.add_parser("demo", help="the web demo (Gradio) on http://127.0.0.1:7860; asr demo --help for its options")
 

@@ -59,6 +59,8 @@ class TrainConfig:
     grad_clip: float = 10.0
     grad_accumulation: int = 1  # batches per optimiser step (per process)
     init_from: str = ""  # a model folder (e.g. a pretrained OUT/best) whose weights start a fresh run
+    tokenizer: str = ""  # word pieces to emit instead of characters: a sentencepiece model (asr word-pieces) or a
+    # model folder that has them; with init_from a character model, all but the output layer start from its weights
     ema_decay: float = 0.0  # >0: evaluate and keep an exponential moving average of the weights (e.g. 0.998)
     consistency_weight: float = 0.0  # >0: CR-CTC: each utterance twice, differently augmented, the two views'
     # posteriors pulled together with this weight (e.g. 0.2; asr/train/consistency.py); twice the compute per step

@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 
 from .errors import OptionsError
-from .text import Vocabulary
+from .text import Vocabulary, spell_token, starts_word
 
 DECODERS = ("greedy", "beam")
 
@@ -112,7 +112,7 @@ def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, vocab: Vocabul
         positions = emit[b].nonzero().squeeze(1).tolist()
         results.append(words_from_emissions(
             [vocab.tokens[i] for i in best[b, positions].tolist()], positions,
-            best_prob[b, positions].tolist(), vocab, frame_seconds, time_offset))
+            best_prob[b, positions].tolist(), frame_seconds, time_offset))
     return results
 
 
@@ -120,9 +120,9 @@ EARLY_FRAMES = 2  # letters on the input's first frames ...
 EARLY_GAP_SECONDS = 0.25  # ... that the rest of their word follows only this much later are timed with the rest
 
 
-def without_early_emissions(chars: list[str], frames: list[int], frame_seconds: float, space: str) -> list[int]:
-    """The frames of a path's emissions, those of letters on the input's first EARLY_FRAMES moved to the frame
-    before the next letter of their word when that comes more than EARLY_GAP_SECONDS later.
+def without_early_emissions(tokens: list[str], frames: list[int], frame_seconds: float) -> list[int]:
+    """The frames of a path's emissions, those of tokens on the input's first EARLY_FRAMES moved to the frame
+    before the next token of their word when that comes more than EARLY_GAP_SECONDS later.
 
     A bidirectional CTC model sees the whole utterance, and may spell its first letters on the first frames,
     whatever silence comes before the speech (the shipped English model does on 894 of 1,260 speechocean762 dev
@@ -131,17 +131,18 @@ def without_early_emissions(chars: list[str], frames: list[int], frame_seconds: 
     early = 0
     while early < len(frames) and frames[early] < EARLY_FRAMES:
         early += 1
-    if (0 < early < len(frames) and space not in chars[: early + 1]
+    if (0 < early < len(frames) and tokens[0] != " " and not any(starts_word(t) for t in tokens[1: early + 1])
             and (frames[early] - frames[early - 1]) * frame_seconds > EARLY_GAP_SECONDS):
         return [frames[early] - 1] * early + list(frames[early:])
     return list(frames)
 
 
-def words_from_emissions(chars: list[str], frames: list[int], probs: list[float], vocab: Vocabulary,
-                         frame_seconds: float, time_offset: float = 0.0) -> Transcription:
-    """Words, times and confidences from the characters a path emits, their frames and posteriors (letters on the
-    first frames whose word goes on after a silence are timed with it: `without_early_emissions`)."""
-    frames = without_early_emissions(chars, frames, frame_seconds, vocab.tokens[vocab.space])
+def words_from_emissions(tokens: list[str], frames: list[int], probs: list[float], frame_seconds: float,
+                         time_offset: float = 0.0) -> Transcription:
+    """Words, times and confidences from the tokens a path emits (characters, spaces or word pieces), their frames
+    and posteriors (tokens on the first frames whose word goes on after a silence are timed with it:
+    `without_early_emissions`). A word's confidence is the mean posterior of its tokens."""
+    frames = without_early_emissions(tokens, frames, frame_seconds)
     words: list[Word] = []
     current: list[tuple[str, int, float]] = []
 
@@ -153,11 +154,12 @@ def words_from_emissions(chars: list[str], frames: list[int], probs: list[float]
                               round(sum(p for _, _, p in current) / len(current), 4)))
             current.clear()
 
-    for c, f, p in zip(chars, frames, probs):
-        if c == vocab.tokens[vocab.space]:
+    for token, f, p in zip(tokens, frames, probs):
+        if starts_word(token):
             flush()
-        else:
-            current.append((c, f, p))
+        letters = spell_token(token).strip()
+        if letters:
+            current.append((letters, f, p))
     flush()
     return Transcription(" ".join(w.word for w in words), words)
 

@@ -7,6 +7,8 @@ model needs a bounded right context (ModelConfig.future_feature_frames), so it c
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -282,6 +284,14 @@ class DeepSpeech2(nn.Module):
                                   for i in sizes[:-1])
         self.lookahead = Lookahead(config.gru_hidden, config.lookahead_frames)
         self.head = nn.Sequential(nn.LayerNorm(config.gru_hidden), nn.Linear(config.gru_hidden, config.vocab_size))
+
+    def replace_output_layer(self, layer: nn.Linear) -> None:
+        """Emit another vocabulary: the output layer becomes a copy of `layer`, the rest stays as it is (a model
+        fine-tuned from characters to word pieces)."""
+        if layer.in_features != self.config.gru_hidden:
+            raise ValueError(f"replace_output_layer: {layer.in_features} inputs for {self.config.gru_hidden} GRU units")
+        self.head[1] = copy.deepcopy(layer)
+        self.config = dataclasses.replace(self.config, vocab_size=layer.out_features)
 
     def load_forward_direction(self, source: DeepSpeech2) -> None:
         """Start this one-way model from a bidirectional one of the same sizes: its conv front, norms and head, and

@@ -1,4 +1,5 @@
-"""English text: the one normaliser shared by training and scoring, and the character vocabulary."""
+"""English text: the one normaliser shared by training and scoring, and the character vocabulary
+(word-piece vocabularies: word_pieces.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from num2words import num2words
 
 BLANK = "<blank>"
+WORD_START = "\u2581"  # a word piece that begins a word starts with this mark (sentencepiece's)
 ENGLISH_CHARACTERS = [BLANK, " ", "'", *"abcdefghijklmnopqrstuvwxyz"]
 
 _SYMBOL_WORDS = {"&": " and ", "%": " percent ", "+": " plus ", "@": " at ", "=": " equals "}
@@ -66,14 +68,24 @@ class Vocabulary:
     def blank(self) -> int:
         return 0
 
-    @property
-    def space(self) -> int:
-        return self._index[" "]
-
     def encode(self, text: str) -> list[int]:
         """Normalise `text` and map it to token ids (characters outside the vocabulary dropped)."""
         return [self._index[c] for c in normalize_text(text) if c in self._index]
 
     def decode(self, ids: list[int]) -> str:
         """Map ids to text (no CTC collapsing here; blanks are skipped)."""
-        return "".join(self.tokens[i] for i in ids if i != self.blank)
+        return " ".join("".join(spell_token(self.tokens[i]) for i in ids if i != self.blank).split())
+
+    def spell_word(self, word: str) -> list[str] | None:
+        """The tokens that spell one normalised word, or None when the vocabulary cannot spell it."""
+        return list(word) if word and all(c in self._index for c in word) else None
+
+
+def starts_word(token: str) -> bool:
+    """Whether an emitted token begins a new word: a space (characters) or a piece marked WORD_START."""
+    return token == " " or token.startswith(WORD_START)
+
+
+def spell_token(token: str) -> str:
+    """The letters a token adds to its word, with a word start written as a space."""
+    return " " + token[1:] if token.startswith(WORD_START) else token

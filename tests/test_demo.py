@@ -127,3 +127,21 @@ def test_the_readme_screenshot_script_transcribes_in_the_page_and_saves_it(train
     assert text == "dig a hole" and out.stat().st_size > 10_000
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert torch.is_grad_enabled()  # the tests after this one train in the same process
+
+
+def test_a_word_piece_posteriorgram_shows_the_blank_and_the_tokens_heard_most():
+    from asr.serve.demo import POSTERIORGRAM_ROWS, Analysis, posteriorgram_figure, shown_tokens
+
+    probs = np.full((256, 50), 0.001, dtype=np.float32)
+    probs[0] = 0.5
+    heard = [7, 200, 31]
+    for frame, token in enumerate(heard):
+        probs[token, 10 * frame] = 0.9
+    rows = shown_tokens(probs)
+    assert len(rows) == POSTERIORGRAM_ROWS and rows[0] == 0 and set(heard) <= set(rows) and rows == sorted(rows)
+    assert shown_tokens(probs[:29]) == list(range(29))  # characters: every row
+    tokens = ["<blank>"] + [f"\u2581t{i}" for i in range(1, 256)]
+    figure = posteriorgram_figure(Analysis("", [], np.zeros((64, 100)), probs, tokens, 1.0, 0.1), 0.02)
+    axes = figure.axes[0]
+    assert len(axes.get_yticklabels()) == POSTERIORGRAM_ROWS and "heard most" in axes.get_title()
+    assert "\u2581t200" in [t.get_text() for t in axes.get_yticklabels()]

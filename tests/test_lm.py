@@ -17,6 +17,7 @@ from asr.lm.kenlm_tools import LMError, kenlm_tools, missing_build_requirements
 from asr.lm.language_model import LanguageModel, build_lm, perplexity
 from asr.lm.tune import store_decoder, tune_beam
 from asr.text import Vocabulary
+from asr.word_pieces import build_word_pieces
 
 from .conftest import TEXTS, require_system_tools
 
@@ -107,6 +108,28 @@ def test_lexicon_search_spells_only_known_words(tone_lm):
     result = lexicon.decode(lp, lengths, 0.04)[0]
     assert result.text == "cab"
     assert 0 < result.words[0].confidence <= 1
+
+
+def test_lexicon_search_over_word_pieces(tone_lm, tmp_path):
+    pieces = build_word_pieces(TEXTS * 20, 18, tmp_path / "p.model")
+    assert pieces.spell_word("cab") == ["\u2581", "c", "a", "b"] and "\u2581a" in pieces.tokens
+    # "a", then "c", a vowel heard as "o" a little more than "a", "b": greedy reads "a cob"; the lexicon knows "cab"
+    spec = [{"\u2581a": 0.9}, {"_": 0.9}, {"\u2581": 0.9}, {"c": 0.9}, {"o": 0.5, "a": 0.45}, {"b": 0.9}, {"_": 0.9}]
+    probs = torch.full((len(spec), len(pieces)), 1e-4)
+    for t, frame in enumerate(spec):
+        for token, p in frame.items():
+            probs[t, pieces.tokens.index(token) if token != "_" else 0] = p
+    lp, lengths = (probs / probs.sum(1, keepdim=True)).log()[None], torch.tensor([len(spec)])
+    assert asr.decoding.greedy_decode(lp, lengths, pieces, 0.04)[0].text == "a cob"
+    free = BeamSearchDecoder(pieces, None, DecodingOptions(decoder="beam", lexicon=False)).decode(lp, lengths, 0.04)
+    assert free[0].text == "a cob"
+    lexicon = BeamSearchDecoder(pieces, LanguageModel.load(tone_lm), DecodingOptions(decoder="beam", lm_weight=0.5))
+    result = lexicon.decode(lp, lengths, 0.04)[0]
+    assert result.text == "a cab"
+    assert [(w.word, w.start) for w in result.words] == [("a", 0.0), ("cab", 0.12)]  # from its first letter
+    assert 0 < result.words[1].confidence <= 1
+    with pytest.raises(asr.errors.OptionsError, match="cannot emit: \\['zoo'\\]"):
+        BeamSearchDecoder(pieces, LanguageModel.load(tone_lm), DecodingOptions(decoder="beam", hotwords=["zoo"]))
 
 
 def test_blank_penalty_spells_a_letter_heard_below_the_blank():

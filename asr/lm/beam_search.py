@@ -30,7 +30,8 @@ import torch
 
 from ..decoding import DecodingOptions, Transcription, words_from_emissions
 from ..errors import OptionsError
-from ..text import BLANK, Vocabulary, normalize_text
+from ..text import BLANK, Vocabulary, normalize_text, spell_token
+from ..word_pieces import WordPieceVocabulary
 from .language_model import LanguageModel
 
 _BLANK, _SEP = "-", "|"  # flashlight's names for the CTC blank and the word separator
@@ -39,6 +40,7 @@ SURE_BLANK = 0.9  # a frame whose blank probability is above this has nothing sa
 PAUSE_SECONDS = 1.0  # a run of sure blanks this long inside the audio always ends a piece
 PIECE_SECONDS = 30.0  # longer pieces are cut at their longest run of sure blanks
 SKIP_BLANK = 0.999  # a run of frames whose blank probability is above this is searched as its first frame
+NEVER = -1e4  # the log-probability of the separator that word-piece models never emit
 
 Emitted = tuple[str, int, float]  # a character, its frame and its posterior
 
@@ -91,8 +93,9 @@ def _at_frames(emitted: list[Emitted], frames: list[int]) -> list[Emitted]:
 
 def _spell_words(words: list[str], emitted: list[Emitted]) -> list[Emitted]:
     """The words' letters, a space after each, with the frame and posterior of the emitted letter each aligns
-    with; a letter the tokens lack (the second "l" of "will" from "w i l") takes its neighbour's."""
-    letters = [e for e in emitted if e[0] != " "]
+    with (a word piece's letters all have its frame); a letter the tokens lack (the second "l" of "will" from
+    "w i l") takes its neighbour's."""
+    letters = [(c, f, p) for token, f, p in emitted for c in spell_token(token).strip()]
     spelled = "".join(words)
     aligned: list[int | None] = [None] * len(spelled)
     matcher = difflib.SequenceMatcher(None, spelled, "".join(c for c, _, _ in letters), autojunk=False)
@@ -108,6 +111,14 @@ def _spell_words(words: list[str], emitted: list[Emitted]) -> list[Emitted]:
             k += 1
         out.append((" ", 0, 0.0))
     return out
+
+
+def _lexicon(vocab: Vocabulary, lm: LanguageModel) -> str:
+    """The LM's words spelled in the vocabulary's tokens, a line each (flashlight's lexicon file): the LM's own
+    lexicon.txt for characters; for word pieces, each word the pieces can spell."""
+    if not isinstance(vocab, WordPieceVocabulary):
+        return lm.lexicon.read_text()
+    return "".join(f"{w}\t{' '.join(pieces)}\n" for w in lm.words if (pieces := vocab.spell_word(w)))
 
 
 def _boosted_lm(kenlm, boosts: dict[int, float]):
@@ -140,17 +151,19 @@ class BeamSearchDecoder:
         if opts.lexicon and lm is None:
             raise OptionsError("lexicon-constrained beam search needs a language model (or lexicon=False)")
         tokens = [_BLANK if t == BLANK else (_SEP if t == " " else t) for t in vocab.tokens]
+        # word pieces carry their word starts; flashlight still needs a separator token, which they never emit
+        self._no_separator = _SEP not in tokens
+        tokens += [_SEP] if self._no_separator else []
         self._tmp = tempfile.TemporaryDirectory(prefix="asr-beam-")
         lexicon = lm_arg = None
         if opts.lexicon:
             hot = sorted({w for phrase in opts.hotwords for w in normalize_text(phrase).split()})
-            allowed = set(vocab.tokens[1:]) - {" "}
-            bad = [w for w in hot if not set(w) <= allowed]
+            bad = [w for w in hot if vocab.spell_word(w) is None]
             if bad:
                 raise OptionsError(f"hot words with characters the model cannot emit: {bad}")
             lexicon = Path(self._tmp.name) / "lexicon.txt"
             extra = [w for w in hot if w not in set(lm.words)]
-            lexicon.write_text(lm.lexicon.read_text() + "".join(f"{w}\t{' '.join(w)}\n" for w in extra))
+            lexicon.write_text(_lexicon(vocab, lm) + "".join(f"{w}\t{' '.join(vocab.spell_word(w))}\n" for w in extra))
             lm.check_binary()  # a damaged binary: LMError here, not a RuntimeError from ctc_decoder
             lm_arg = str(lm.binary)
             if hot:
@@ -169,8 +182,12 @@ class BeamSearchDecoder:
     def _spells_its_words(self, hyp) -> bool:
         """Whether a lexicon hypothesis's letters are exactly its words' letters. Flashlight's lexicon search
         sometimes ends on a word whose spelling it never finished (tokens "hole f e", words "hole fee")."""
-        chars = "".join(self.vocab.tokens[i] for i in hyp.tokens.tolist() if i != self.vocab.blank)
+        chars = "".join(spell_token(self._token(i)) for i in hyp.tokens.tolist() if i != self.vocab.blank)
         return "".join(chars.split()) == "".join(hyp.words)  # it may also leave out a word separator
+
+    def _token(self, index: int) -> str:
+        """The vocabulary's token at a flashlight token index (the separator added for word pieces: a space)."""
+        return self.vocab.tokens[index] if index < len(self.vocab) else " "
 
     def decode(self, log_probs: torch.Tensor, lengths: torch.Tensor, frame_seconds: float,
                time_offset: float = 0.0) -> list[Transcription]:
@@ -184,7 +201,7 @@ class BeamSearchDecoder:
                 piece = self._decode_piece(emissions[b, start:end].contiguous()) if end > start else []
                 emitted += [(c, start + f, p) for c, f, p in piece] + [(" ", 0, 0.0)]
             chars, at, probs = (list(x) for x in zip(*emitted)) if emitted else ([], [], [])
-            out.append(words_from_emissions(chars, at, probs, self.vocab, frame_seconds, time_offset))
+            out.append(words_from_emissions(chars, at, probs, frame_seconds, time_offset))
         return out
 
     def _decode_piece(self, emissions: torch.Tensor) -> list[Emitted]:
@@ -199,7 +216,10 @@ class BeamSearchDecoder:
 
     def _penalized(self, emissions: torch.Tensor) -> torch.Tensor:
         """The emissions the search scores: the blank's log-probability lowered by the blank penalty (a copy, or
-        the same tensor when there is none); the letters' posteriors, which give confidences, are unchanged."""
+        the same tensor when there is none), and for word pieces a never-emitted separator column; the tokens'
+        posteriors, which give confidences, are unchanged."""
+        if self._no_separator:
+            emissions = torch.cat([emissions, torch.full((len(emissions), 1), NEVER)], dim=1)
         if not self.options.blank_penalty:
             return emissions.contiguous()
         searched = emissions.clone()
@@ -220,7 +240,7 @@ class BeamSearchDecoder:
         # too many (and the closing separator's lies past the end)
         last = len(emissions) - 1
         ids, frames = hyp.tokens.tolist(), [min(max(int(t) - 1, 0), last) for t in hyp.timesteps.tolist()]
-        return [(self.vocab.tokens[i], f, math.exp(float(emissions[f, i])))
+        return [(self._token(i), f, math.exp(float(emissions[f, i])))
                 for i, f in zip(ids, frames) if i != self.vocab.blank]
 
     # Incremental search of one piece at a time, for streaming (serve/streaming.py). Flashlight keeps the search

@@ -182,18 +182,33 @@ def spectrogram_figure(analysis: Analysis, hop_seconds: float):
     return fig
 
 
+POSTERIORGRAM_ROWS = 40  # a word-piece model's posteriorgram shows the blank and the tokens heard most
+
+
+def shown_tokens(posteriors: np.ndarray) -> list[int]:
+    """The rows (token indices) of a (vocab, frames) posteriorgram to draw: all of a character vocabulary; of a
+    larger one the blank and the POSTERIORGRAM_ROWS - 1 tokens with the highest peak probability, in vocabulary
+    order."""
+    if len(posteriors) <= POSTERIORGRAM_ROWS:
+        return list(range(len(posteriors)))
+    peaks = posteriors[1:].max(axis=1) if posteriors.shape[1] else np.zeros(len(posteriors) - 1)
+    return [0] + sorted(int(i) + 1 for i in np.argsort(-peaks, kind="stable")[: POSTERIORGRAM_ROWS - 1])
+
+
 def posteriorgram_figure(analysis: Analysis, frame_seconds: float):
     """CTC posteriors, frame by frame: which character (or blank) the model heard when."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 3.6), dpi=90)
-    probs = analysis.posteriors
+    rows = shown_tokens(analysis.posteriors)
+    probs = analysis.posteriors[rows]
     ax.imshow(probs, origin="lower", aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest",
               extent=(0, probs.shape[1] * frame_seconds, -0.5, probs.shape[0] - 0.5))
-    labels = ["∅" if i == 0 else ("␣" if t == " " else t) for i, t in enumerate(analysis.tokens)]
+    labels = ["∅" if i == 0 else ("␣" if analysis.tokens[i] == " " else analysis.tokens[i]) for i in rows]
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set_xlabel("seconds")
-    ax.set_title("CTC posteriorgram (∅ blank, ␣ space)")
+    most = f"; the {len(rows) - 1} tokens heard most" if len(rows) < len(analysis.tokens) else ""
+    ax.set_title(f"CTC posteriorgram (∅ blank, ␣ space{most})")
     fig.tight_layout()
     return fig
 

@@ -417,7 +417,7 @@ class Streamer:
             emitted = self.beam.piece_so_far(emissions) if partial else self.beam.end_piece(emissions)
             emitted += [(" ", 0, 0.0)]
             chars, frames, probs = zip(*[(c, self.segment_start + f, p) for c, f, p in emitted])
-        return words_from_emissions(list(chars), list(frames), list(probs), self.vocab, self.frame_seconds)
+        return words_from_emissions(list(chars), list(frames), list(probs), self.frame_seconds)
 
     def _final(self, end: int, clamp: bool) -> StreamEvent:
         result = self._segment(partial=False)

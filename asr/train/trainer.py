@@ -31,6 +31,7 @@ from ..checkpoint import (
     architecture_differences,
     load_model_files,
     load_trainer_state,
+    read_model_json,
     reported_write_errors,
     save_model,
 )
@@ -44,6 +45,7 @@ from ..model import DeepSpeech2, ModelConfig
 from ..serve.evaluate import evaluate_utterances
 from ..serve.transcribe import ASRModel
 from ..text import Vocabulary
+from ..word_pieces import WordPieceError, WordPieceVocabulary
 from .checkpoints import (
     CHECKPOINTS,
     check_resumable,
@@ -67,6 +69,19 @@ log = logging.getLogger(__name__)
 ONE_WAY_START_KEYS = {"bidirectional", "lookahead_frames", "end_silence_ms", "features.normalization",
                       "features.level_window_ms", "features.level_prior_ms"}
 WIDEN_NOISE = 1e-3  # a model that starts wider than its source (train.init_from): noise on the copied weights
+
+
+def run_vocabulary(tokenizer: str) -> Vocabulary:
+    """What a run's model emits: characters, or the word pieces of train.tokenizer (a sentencepiece model file,
+    or a model folder whose vocabulary to take)."""
+    if not tokenizer:
+        return Vocabulary()
+    if Path(tokenizer).is_dir():
+        return read_model_json(tokenizer)[1]
+    try:
+        return WordPieceVocabulary.from_file(tokenizer)
+    except WordPieceError as e:
+        raise ConfigError(f"train.tokenizer: {e}") from None
 
 
 def time_strides_alone_differ(mine: ModelConfig, theirs: ModelConfig) -> bool:
@@ -122,7 +137,7 @@ class Trainer:
     def __init__(self, config: ExperimentConfig, train_manifest: str | Path, dev_manifest: str | Path,
                  out_dir: str | Path, vocab: Vocabulary | None = None, progress: bool = True):
         self.out = Path(out_dir)
-        self.vocab = vocab or Vocabulary()
+        self.vocab = vocab or run_vocabulary(config.train.tokenizer)
         self.config = copy.deepcopy(config)  # sized to the vocabulary here; the caller's stays as it was
         self.config.model.vocab_size = len(self.vocab)
         data, train = self.config.data, self.config.train
@@ -206,10 +221,14 @@ class Trainer:
         """Start from another model's weights (fine-tuning); its architecture and vocabulary must match, except
         that a one-way (streaming) model may start from a bidirectional one's forward direction, and a model
         whose gru_hidden is a multiple of the source's starts from its units copied (DeepSpeech2.load_widened), and
-        one whose convolutions stride differently in time (not in frequency) starts from the same weights."""
+        one whose convolutions stride differently in time (not in frequency) starts from the same weights, and a
+        run with word pieces (train.tokenizer) starts from all but the output layer of a model with others."""
         source, vocab, _ = load_model_files(folder, "cpu")
-        if vocab.tokens != self.vocab.tokens:
+        new_tokens = vocab.tokens != self.vocab.tokens
+        if new_tokens and not self.config.train.tokenizer:
             raise CheckpointError(f"{folder}: its vocabulary differs from this run's")
+        if new_tokens:
+            source.replace_output_layer(self.model.head[1])  # this run's fresh one
         mine, theirs = self.config.model, source.config
         one_way_start = theirs.bidirectional and not mine.bidirectional
         widen = mine.gru_hidden > theirs.gru_hidden and mine.gru_hidden % theirs.gru_hidden == 0 and not one_way_start
@@ -232,6 +251,8 @@ class Trainer:
             grown = f", its GRUs widened from {theirs.gru_hidden} to {mine.gru_hidden}" if widen else ""
             if restride:
                 grown += f", its time stride changed from {theirs.time_stride} to {mine.time_stride}"
+            if new_tokens:
+                grown += f", a new output layer for {len(self.vocab)} tokens (its own had {len(vocab)})"
             print(f"initialised from {folder}{grown}", flush=True)
 
     # ---------------------------------------------------------------- checkpoints
