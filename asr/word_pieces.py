@@ -42,6 +42,11 @@ def _processor(model: bytes):
     return processor
 
 
+def _pieces(processor) -> list[str]:
+    """A CTC vocabulary's tokens: the blank, then the pieces after <unk>."""
+    return [BLANK] + [processor.id_to_piece(i) for i in range(1, processor.get_piece_size())]
+
+
 @dataclass
 class WordPieceVocabulary(Vocabulary):
     """The pieces of a sentencepiece model (`model`: its serialised bytes), with the blank at index 0."""
@@ -50,16 +55,14 @@ class WordPieceVocabulary(Vocabulary):
 
     def __post_init__(self) -> None:
         self._processor = _processor(self.model)
-        pieces = [BLANK] + [self._processor.id_to_piece(i) for i in range(1, self._processor.get_piece_size())]
-        if self.tokens != pieces:
+        if self.tokens != _pieces(self._processor):
             raise WordPieceError("the vocabulary's tokens are not its sentencepiece model's pieces")
         super().__post_init__()
 
     @classmethod
     def from_model(cls, model: bytes) -> WordPieceVocabulary:
         """The vocabulary of a serialised sentencepiece model."""
-        processor = _processor(model)
-        return cls([BLANK] + [processor.id_to_piece(i) for i in range(1, processor.get_piece_size())], model)
+        return cls(_pieces(_processor(model)), model)
 
     @classmethod
     def from_file(cls, path: str | Path) -> WordPieceVocabulary:
