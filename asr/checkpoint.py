@@ -51,8 +51,9 @@ def reported_write_errors(path: str | os.PathLike, what: str) -> Iterator[None]:
 
 
 def save_model(path: str | os.PathLike, model: DeepSpeech2, vocab: Vocabulary, metadata: dict | None = None,
-               trainer_state: dict | None = None) -> None:
-    """Write weights, config, vocabulary, normalisation (and optionally trainer state) to a folder.
+               trainer_state: dict | None = None, word_pieces: WordPieceVocabulary | None = None) -> None:
+    """Write weights, config, vocabulary, normalisation (and optionally trainer state) to a folder; `word_pieces`:
+    the vocabulary of a second output layer (ModelConfig.word_piece_vocab_size).
 
     The folder is replaced atomically; when it cannot be written (e.g. no space left on device) the
     previous version stays and a CheckpointError says why.
@@ -62,6 +63,8 @@ def save_model(path: str | os.PathLike, model: DeepSpeech2, vocab: Vocabulary, m
         "config": dataclasses.asdict(model.config),
         "vocabulary": vocab.tokens,
         **({"tokenizer": vocab.to_json()} if isinstance(vocab, WordPieceVocabulary) else {}),
+        **({"word_pieces": {"vocabulary": word_pieces.tokens, "tokenizer": word_pieces.to_json()}}
+           if word_pieces is not None else {}),
         "normalization": {
             "type": model.config.features.normalization,
             "mean": model.features.mean.tolist(),
@@ -123,7 +126,27 @@ def read_model_json(folder: str | os.PathLike) -> tuple[ModelConfig, Vocabulary,
     if config.vocab_size != len(vocab):
         raise CheckpointError(f"{meta_file}: invalid model description: config.vocab_size is {config.vocab_size} "
                               f"but the vocabulary has {len(vocab)} tokens")
+    pieces = word_pieces_of(meta, meta_file)
+    count = len(pieces) if pieces else 0
+    if config.word_piece_vocab_size != count:
+        raise CheckpointError(f"{meta_file}: invalid model description: config.word_piece_vocab_size is "
+                              f"{config.word_piece_vocab_size} but word_pieces has {count} tokens")
     return config, vocab, meta
+
+
+def word_pieces_of(meta: dict, meta_file: str | os.PathLike = MODEL_META) -> WordPieceVocabulary | None:
+    """The vocabulary of a model's second output layer (model.json's "word_pieces"), None if it has none."""
+    if "word_pieces" not in meta:
+        return None
+    entry = meta["word_pieces"]
+    tokens = entry.get("vocabulary") if isinstance(entry, dict) else None
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise CheckpointError(f'{meta_file}: corrupt, word_pieces must be {{"vocabulary": [strings], "tokenizer": '
+                              f'...}}, got {str(entry)[:80]!r}')
+    try:
+        return WordPieceVocabulary.from_json(entry.get("tokenizer"), tokens)
+    except ValueError as e:
+        raise CheckpointError(f"{meta_file}: invalid word_pieces: {e}") from None
 
 
 def load_model_files(path: str | os.PathLike, device: str | torch.device = "cpu"

@@ -61,6 +61,9 @@ class TrainConfig:
     init_from: str = ""  # a model folder (e.g. a pretrained OUT/best) whose weights start a fresh run
     tokenizer: str = ""  # word pieces to emit instead of characters: a sentencepiece model (asr word-pieces) or a
     # model folder that has them; with init_from a character model, all but the output layer start from its weights
+    word_pieces: str = ""  # a second output layer, over these word pieces (a sentencepiece model or a model folder
+    # that has them), beside the characters; greedy decoding reads it, a beam search with an LM the characters
+    word_piece_weight: float = 0.5  # with word_pieces, the loss is (1 - w) * the characters' CTC + w * the pieces'
     ema_decay: float = 0.0  # >0: evaluate and keep an exponential moving average of the weights (e.g. 0.998)
     consistency_weight: float = 0.0  # >0: CR-CTC: each utterance twice, differently augmented, the two views'
     # posteriors pulled together with this weight (e.g. 0.2; asr/train/consistency.py); twice the compute per step
@@ -91,6 +94,13 @@ class TrainConfig:
         check_number("consistency_weight", self.consistency_weight, 0, 1000)
         check_number("intermediate_ctc_weight", self.intermediate_ctc_weight, 0, 1)
         check_number("intermediate_ctc_layer", self.intermediate_ctc_layer, 0, 10_000, integer=True)
+        check_number("word_piece_weight", self.word_piece_weight, 0, 1)
+        if self.word_pieces and self.tokenizer:
+            raise ValueError("word_pieces: a second output layer beside characters; with tokenizer the first one "
+                             "already emits word pieces: set one of the two")
+        if self.word_pieces and self.word_piece_weight in (0, 1):
+            raise ValueError(f"word_piece_weight: must be between 0 and 1 (0 never trains the word pieces, 1 never "
+                             f"the characters), got {self.word_piece_weight}")
         if self.ema_decay == 1:
             raise ValueError("ema_decay: must be below 1 (1 never updates the average), got 1")
         if self.intermediate_ctc_weight == 1:

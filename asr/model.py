@@ -36,6 +36,10 @@ class ModelConfig:
     gru_hidden: int = 512
     dropout: float = 0.1
     vocab_size: int = 29
+    # >0: a second output layer, over this many word pieces, beside the first (characters): one pass gives both,
+    # the pieces for greedy decoding (whole words without an LM), the characters for a beam search spelling an
+    # LM's words; their log-probabilities come out side by side (characters first)
+    word_piece_vocab_size: int = 0
     # False: one-way GRUs, then a lookahead convolution over the current and `lookahead_frames` next output
     # frames; the conv front then looks at most `lookahead_frames` output frames ahead as well
     bidirectional: bool = True
@@ -74,6 +78,8 @@ class ModelConfig:
         if self.dropout == 1:
             raise ValueError("dropout: must be below 1 (1 drops everything), got 1")
         check_number("vocab_size", self.vocab_size, 2, 1_000_000, integer=True)
+        if self.word_piece_vocab_size != 0:
+            check_number("word_piece_vocab_size", self.word_piece_vocab_size, 2, 1_000_000, integer=True)
         if not isinstance(self.bidirectional, bool):
             raise ValueError(f"bidirectional: must be true or false, got {self.bidirectional!r}")
         check_number("lookahead_frames", self.lookahead_frames, 0, MAX_LOOKAHEAD, integer=True)
@@ -103,7 +109,13 @@ class ModelConfig:
             size = h
         if self.lookahead_frames:
             count += h * (self.lookahead_frames + 1)
-        return count + 2 * h + h * self.vocab_size + self.vocab_size
+        heads = [self.vocab_size] + ([self.word_piece_vocab_size] if self.word_piece_vocab_size else [])
+        return count + sum(2 * h + h * v + v for v in heads)
+
+    @property
+    def output_size(self) -> int:
+        """Columns of the network's output: the characters' log-probabilities, then any word pieces'."""
+        return self.vocab_size + self.word_piece_vocab_size
 
     @property
     def time_stride(self) -> int:
@@ -284,6 +296,16 @@ class DeepSpeech2(nn.Module):
                                   for i in sizes[:-1])
         self.lookahead = Lookahead(config.gru_hidden, config.lookahead_frames)
         self.head = nn.Sequential(nn.LayerNorm(config.gru_hidden), nn.Linear(config.gru_hidden, config.vocab_size))
+        self.piece_head = (nn.Sequential(nn.LayerNorm(config.gru_hidden),
+                                         nn.Linear(config.gru_hidden, config.word_piece_vocab_size))
+                           if config.word_piece_vocab_size else None)
+
+    def output_log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layers on the last GRU layer's (lookahead's) output: (batch, frames, config.output_size)."""
+        log_probs = self.head(hidden).float().log_softmax(-1)
+        if self.piece_head is None:
+            return log_probs
+        return torch.cat([log_probs, self.piece_head(hidden).float().log_softmax(-1)], -1)
 
     def replace_output_layer(self, layer: nn.Linear) -> None:
         """Emit another vocabulary: the output layer becomes a copy of `layer`, the rest stays as it is (a model
@@ -322,20 +344,21 @@ class DeepSpeech2(nn.Module):
         generator = torch.Generator().manual_seed(seed)
 
         def widened(name: str, value: torch.Tensor) -> torch.Tensor:
-            reads_hidden = name.startswith("head.") or (name.startswith("rnns.") and not name.startswith("rnns.0."))
+            reads_hidden = (name.startswith(("head.", "piece_head."))
+                            or (name.startswith("rnns.") and not name.startswith("rnns.0.")))
             if ".gru." in name:
                 value = value[gates]
                 if ".weight_hh" in name or (reads_hidden and ".weight_ih" in name):
                     value = value[:, units] / k
-            elif name == "head.1.weight":
+            elif name in ("head.1.weight", "piece_head.1.weight"):
                 value = value[:, units] / k
-            elif name.startswith(("head.0.", "lookahead.")) or (reads_hidden and ".norm." in name):
+            elif name.startswith(("head.0.", "piece_head.0.", "lookahead.")) or (reads_hidden and ".norm." in name):
                 value = value[units]
             return value
 
         state = source.state_dict()
         for name, value in state.items():
-            if name.startswith(("rnns.", "head.", "lookahead.")):
+            if name.startswith(("rnns.", "head.", "piece_head.", "lookahead.")):
                 state[name] = widened(name, value)
                 if noise and value.dim() > 1 and state[name].shape != value.shape:
                     state[name] += noise * value.std() * torch.randn(state[name].shape, generator=generator)
@@ -375,10 +398,10 @@ class DeepSpeech2(nn.Module):
 
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor, intermediate_layer: int = 0,
                 warps: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """waves: (batch, samples) float, lengths: (batch,) -> log-probs (batch, frames, vocab), frames.
+        """waves: (batch, samples) float, lengths: (batch,) -> log-probs (batch, frames, config.output_size), frames.
         In training mode the features are augmented (vocal tract length perturbation, SpecAugment).
-        With `intermediate_layer` k > 0, a third output: the log-probs that the same head reads from GRU layer k's
-        output (1-based), for intermediate CTC (Lee and Watanabe, 2021).
+        With `intermediate_layer` k > 0, a third output: the log-probs that the first output layer reads from GRU
+        layer k's output (1-based), for intermediate CTC (Lee and Watanabe, 2021).
         `warps` (batch,): each utterance's frequency warp factor (LogMel.raw's), in any mode, instead of those
         drawn in training (e.g. a test-time warp, bench/test_time_views.py)."""
         if not 0 <= intermediate_layer <= len(self.rnns):
@@ -394,5 +417,5 @@ class DeepSpeech2(nn.Module):
             x = rnn(x, out_lengths)
             if layer == intermediate_layer:
                 intermediate = self.head(x).float().log_softmax(-1)
-        log_probs = self.head(self.lookahead(x, out_lengths)).float().log_softmax(-1)
+        log_probs = self.output_log_probs(self.lookahead(x, out_lengths))
         return (log_probs, out_lengths) if intermediate is None else (log_probs, out_lengths, intermediate)

@@ -61,6 +61,7 @@ def main() -> None:
           f"beta {opts.word_score}", flush=True)
 
     ours, greedy = model.decoder(opts), model.decoder(model.options(decoder="greedy")[1])
+    chars = model.columns("beam")  # a model with word pieces searches beams over its characters
     labels = ["" if i == model.vocab.blank else t for i, t in enumerate(model.vocab.tokens)]
     # flashlight weighs KenLM's log10 probability; pyctcdecode weighs its natural log: same weighting
     theirs = build_ctcdecoder(labels, kenlm_model_path=str(lm.binary), unigrams=lm.words,
@@ -77,11 +78,11 @@ def main() -> None:
         return {"wer": rates.wer, "cer": rates.cer, "seconds": seconds}
 
     results = {
-        "greedy": run("greedy", lambda lp: greedy.decode(lp[None], torch.tensor([len(lp)]),
+        "greedy": run("greedy", lambda lp: greedy.decode(lp[None, :, model.columns("greedy")], torch.tensor([len(lp)]),
                                                          model.frame_seconds)[0].text),
         "ours (torchaudio/flashlight)": run("ours (torchaudio/flashlight)", lambda lp: ours.decode(
-            lp[None], torch.tensor([len(lp)]), model.frame_seconds)[0].text),
-        "pyctcdecode": run("pyctcdecode", lambda lp: theirs.decode(lp.numpy(), beam_width=opts.beam_size)),
+            lp[None, :, chars], torch.tensor([len(lp)]), model.frame_seconds)[0].text),
+        "pyctcdecode": run("pyctcdecode", lambda lp: theirs.decode(lp[:, chars].numpy(), beam_width=opts.beam_size)),
     }
     ratio = results["pyctcdecode"]["seconds"] / results["ours (torchaudio/flashlight)"]["seconds"]
     print(f"ours is {ratio:.1f}x faster than pyctcdecode")

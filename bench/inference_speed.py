@@ -91,7 +91,7 @@ def breakdown(model: ASRModel, utts, batch_size: int) -> tuple[dict[str, tuple[f
         feats, frames = clock.time("features (log-mel + normalisation)", net.features, batch, lengths)
         x, out_lengths = clock.time("conv front", net.conv, feats.transpose(1, 2), frames)
         x = clock.time("GRU stack", gru_stack, x, out_lengths)
-        log_probs = clock.time("output layer", lambda h: net.head(h).float().log_softmax(-1), x)
+        log_probs = clock.time("output layer", net.output_log_probs, x)
         for row, k in enumerate(idx):
             posteriors[k] = log_probs[row, : out_lengths[row]]
     durations = [len(w) / SAMPLE_RATE for w in waves]
@@ -107,7 +107,7 @@ def quantized(model: ASRModel) -> ASRModel:
     with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
         warnings.simplefilter("ignore")
         net = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model.model), {nn.GRU, nn.Linear}, torch.qint8)
-    return ASRModel(net, model.vocab)
+    return ASRModel(net, model.vocab, word_pieces=model.word_pieces)
 
 
 def main() -> None:
@@ -176,9 +176,11 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         results["onnx_export_seconds"] = time.perf_counter() - start
         for n in counts:
             variants[f"onnxruntime, {n_threads(n)}"] = (
-                ASRModel(model.model, model.vocab, onnx=OnnxNetwork(onnx_file, threads=n)), n, nullcontext)
+                ASRModel(model.model, model.vocab, onnx=OnnxNetwork(onnx_file, threads=n),
+                         word_pieces=model.word_pieces), n, nullcontext)
         variants[f"onnxruntime, {n_threads(threads)}, threads spin (onnxruntime's default)"] = (
-            ASRModel(model.model, model.vocab, onnx=OnnxNetwork(onnx_file, threads=threads, spinning=True)),
+            ASRModel(model.model, model.vocab, onnx=OnnxNetwork(onnx_file, threads=threads, spinning=True),
+                     word_pieces=model.word_pieces),
             threads, nullcontext)
     else:
         print("onnxruntime not installed: no onnx rows (a dependency: pip install -e .)")

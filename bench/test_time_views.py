@@ -43,7 +43,8 @@ def view_outputs(model, wave: torch.Tensor, kind: str, factor: float) -> tuple[s
     elif kind == "speed" and factor != 1.0:
         wave = torchaudio.functional.resample(wave, round(SAMPLE_RATE * factor), SAMPLE_RATE)
     log_probs, frames = model.model(wave[None], torch.tensor([wave.shape[0]]), warps=warps)
-    text = greedy_decode(log_probs, frames, model.vocab, model.frame_seconds)[0].text
+    log_probs = log_probs[..., model.columns("greedy")]  # a model with word pieces: their output layer
+    text = greedy_decode(log_probs, frames, model.vocabulary("greedy"), model.frame_seconds)[0].text
     return text, log_probs[0, : int(frames[0])].max(-1).values.mean().item()
 
 

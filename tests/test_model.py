@@ -188,16 +188,16 @@ def test_a_warp_given_applies_in_evaluation_too():
     assert not torch.allclose(warped[0], plain[0], atol=1e-3) and torch.allclose(warped[1], plain[1], atol=1e-4)
 
 
-@pytest.mark.parametrize("one_way", [False, True])
-def test_a_widened_model_computes_what_its_source_does(one_way):
-    """Net2Net widening: k copies of every GRU unit, read at 1/k each, give the source's outputs; noise sets them
-    apart; a width that is no multiple of the source's is refused."""
+@pytest.mark.parametrize("one_way, pieces", [(False, 0), (True, 0), (False, 40)])
+def test_a_widened_model_computes_what_its_source_does(one_way, pieces):
+    """Net2Net widening: k copies of every GRU unit, read at 1/k each, give the source's outputs (both output layers'
+    of a model with word pieces); noise sets them apart; a width that is no multiple of the source's is refused."""
     torch.manual_seed(0)
-    extra = ONE_WAY if one_way else {}
+    extra = {**(ONE_WAY if one_way else {}), "word_piece_vocab_size": pieces}
     source = DeepSpeech2(ModelConfig(gru_layers=3, gru_hidden=32, **extra))
     with torch.no_grad():  # a lookahead and LayerNorms that are not their initial identity, BatchNorm statistics
         for name, p in source.named_parameters():
-            if name.startswith(("lookahead.", "head.0.")) or ".norm." in name:
+            if name.startswith(("lookahead.", "head.0.", "piece_head.0.")) or ".norm." in name:
                 p.add_(0.3 * torch.randn_like(p))
     source.train()
     source(torch.randn(2, 8000), torch.tensor([8000, 6000]))  # moves the BatchNorm running statistics
@@ -208,7 +208,7 @@ def test_a_widened_model_computes_what_its_source_does(one_way):
     with torch.no_grad():
         expected, frames = source(waves, lengths)
         got, wide_frames = wide(waves, lengths)
-    assert torch.equal(frames, wide_frames)
+    assert torch.equal(frames, wide_frames) and got.shape[-1] == 29 + pieces
     assert (got - expected).abs().max() < 1e-4
     assert wide.rnns[1].gru.weight_hh_l0.shape == (3 * 96, 96)
     wide.load_widened(source, noise=0.01, seed=1)

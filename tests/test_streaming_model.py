@@ -188,12 +188,14 @@ def test_end_silence_is_zeros_after_each_input_whatever_the_padding_held():
 # ---------------------------------------------------------------- sizes and validation
 
 
-@pytest.mark.parametrize("bidirectional, lookahead, normalization", [
-    (True, 0, "per_utterance"), (False, 0, "global"), (False, 3, "none"), (False, 16, "global")])
-def test_parameter_count_is_computed_right(bidirectional, lookahead, normalization):
+@pytest.mark.parametrize("bidirectional, lookahead, normalization, pieces", [
+    (True, 0, "per_utterance", 0), (False, 0, "global", 0), (False, 3, "none", 0), (False, 16, "global", 0),
+    (True, 0, "per_utterance", 57)])
+def test_parameter_count_is_computed_right(bidirectional, lookahead, normalization, pieces):
     cfg = ModelConfig(FeatureConfig(n_mels=40, normalization=normalization), conv_channels=[4, 6],
                       conv_kernels=[[5, 11], [4, 5]], conv_strides=[[2, 2], [1, 3]], gru_layers=2, gru_hidden=20,
-                      vocab_size=31, bidirectional=bidirectional, lookahead_frames=lookahead)
+                      vocab_size=31, bidirectional=bidirectional, lookahead_frames=lookahead,
+                      word_piece_vocab_size=pieces)
     model = DeepSpeech2(cfg)
     assert cfg._parameter_count() == sum(p.numel() for p in model.parameters()) == model.num_parameters()
     assert sum(p.numel() for p in model.lookahead.parameters()) == (20 * (lookahead + 1) if lookahead else 0)

@@ -157,8 +157,9 @@ def analyze(model: ASRModel, audio_path: str | None, decoder: str, limits: DemoL
     result = model.decode(log_probs, duration, wave, decoder=decoder)
     seconds = time.perf_counter() - start
     words = [[w.word, w.start, w.end, w.confidence] for w in result.words]
-    return Analysis(result.text, words, model.log_mel(wave).numpy(), log_probs.exp().T.numpy(),
-                    list(model.vocab.tokens), duration, seconds)
+    heard = log_probs[:, model.columns(decoder)]  # the output layer this decoder read (see ASRModel.columns)
+    return Analysis(result.text, words, model.log_mel(wave).numpy(), heard.exp().T.numpy(),
+                    list(model.vocabulary(decoder).tokens), duration, seconds)
 
 
 def spectrogram_figure(analysis: Analysis, hop_seconds: float):

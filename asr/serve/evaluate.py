@@ -43,8 +43,9 @@ def evaluate_utterances(model: ASRModel, utterances: list[Utterance], progress: 
             waves = list(pool.map(lambda u: load_audio(u.audio_filepath), group))
             for i, utt, wave, log_probs in zip(order[g: g + GROUP], group, waves, model.posteriors(waves, opts)):
                 targets = torch.tensor(model.vocab.encode(utt.text), dtype=torch.long)
+                chars = log_probs[:, : len(model.vocab)]  # the first output layer's (a model may have word pieces)
                 total_loss += torch.nn.functional.ctc_loss(
-                    log_probs, targets, torch.tensor([len(log_probs)]), torch.tensor([len(targets)]),
+                    chars, targets, torch.tensor([len(log_probs)]), torch.tensor([len(targets)]),
                     blank=model.vocab.blank, reduction="sum", zero_infinity=True).item()
                 results[i] = model.decode_with(log_probs, len(wave) / SAMPLE_RATE, decoding, opts.speech_check, wave)
             bar.update(len(group))

@@ -1,7 +1,8 @@
 """Export a trained model's network to ONNX (`model.onnx` in the model folder) and run it with onnxruntime.
 
 The graph starts after the features: normalised log-mel (batch, mels, frames) and frame counts in,
-CTC log-probabilities (batch, frames', vocab) and output frame counts out; batch and time are dynamic.
+CTC log-probabilities (batch, frames', vocab; of a model with word pieces, characters + pieces) and output frame
+counts out; batch and time are dynamic.
 Features stay in torch: torchaudio's STFT does not export with the TorchScript exporter, the
 torch.export-based exporter fails on the GRUs, and onnxruntime's STFT was no faster (bench/README.md).
 
@@ -114,14 +115,15 @@ class ExportableNetwork(nn.Module):
         self.conv = model.conv
         self.rnns = nn.ModuleList((TwoWayGRU if layer.gru.bidirectional else OneWayGRU)(layer) for layer in model.rnns)
         self.lookahead = model.lookahead
-        self.head = model.head
+        self.head, self.piece_head = model.head, model.piece_head
+        self.output_log_probs = model.output_log_probs  # both output layers', side by side
         self.eval()
 
     def forward(self, feats: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, lengths = self.conv(feats.transpose(1, 2), frames)
         for rnn in self.rnns:
             x = rnn(x, lengths)
-        return self.head(self.lookahead(x, lengths)).float().log_softmax(-1), lengths
+        return self.output_log_probs(self.lookahead(x, lengths)), lengths
 
 
 def noise_batch(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:

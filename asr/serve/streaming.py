@@ -237,15 +237,16 @@ class PosteriorStream:
             self.on_audio(samples, last)
         self.heard += len(samples)
         if last and not self.heard:  # no audio, no frames (padding alone would give some)
-            return torch.zeros(0, self.model.config.vocab_size)
+            return torch.zeros(0, self.model.config.output_size)
         if last:  # what DeepSpeech2.append_end_silence adds
             samples = torch.cat([samples, samples.new_zeros(self.model.config.end_silence_samples)])
         x = self.features(samples, last)
         with autocast(self.device, self.autocast_dtype):
-            return self._network(x, last).float().log_softmax(-1).cpu()
+            return self._network(x, last).cpu()
 
     def _network(self, feats: torch.Tensor, last: bool) -> torch.Tensor:
-        """New feature frames (frames, mels) -> new logits (frames, vocab), as DeepSpeech2.forward computes them."""
+        """New feature frames (frames, mels) -> new log-probabilities (frames, config.output_size), as
+        DeepSpeech2.forward computes them."""
         model = self.model
         x = feats[None, None]  # (1, channels, time, freq)
         for layer, windows, (_, after), (in_ch, freq), (out_ch, out_freq) in zip(
@@ -268,7 +269,7 @@ class PosteriorStream:
                 x = torch.cat([x, x.new_zeros(1, model.lookahead.frames, x.shape[2])], 1)
             used, count = self.lookahead.push(x)
             x = model.lookahead.conv(used.transpose(1, 2)).transpose(1, 2) if count else used
-        return model.head(x)[0]
+        return model.output_log_probs(x)[0]
 
 
 class _SpeechFrames:
@@ -316,15 +317,17 @@ class Streamer:
                                                                if k in DECODING_FIELDS})
         self.speech = _SpeechFrames() if self.options.speech_check else None
         self.posteriors = PosteriorStream(model.model, sample_rate, model.autocast_dtype, on_audio=self.speech)
-        self.vocab, self.frame_seconds = model.vocab, model.frame_seconds
+        # what the decoder reads: its output layer's columns (a model with word pieces: see ASRModel.columns)
+        self.vocab, self.columns = model.vocabulary(self.decoding.decoder), model.columns(self.decoding.decoder)
+        self.frame_seconds = model.frame_seconds
         self.beam = None
         if self.decoding.decoder == "beam":  # its own search: flashlight holds one stream's state
-            self.beam = BeamSearchDecoder(model.vocab, model.lm if self.decoding.lexicon else None, self.decoding)
+            self.beam = BeamSearchDecoder(self.vocab, model.lm if self.decoding.lexicon else None, self.decoding)
             self.beam.begin_piece()
         self.endpoint_frames = max(1, round(self.options.endpoint_seconds / self.frame_seconds))
         self.max_frames = max(1, round(self.options.max_segment_seconds / self.frame_seconds))
         self.frames = 0  # posterior frames decoded
-        self.previous = model.vocab.blank  # the last frame's best token (greedy collapses repeats)
+        self.previous = self.vocab.blank  # the last frame's best token (greedy collapses repeats)
         self._new_segment(0)
 
     def _new_segment(self, first: int) -> None:
@@ -370,7 +373,7 @@ class Streamer:
 
     def _step(self, wave: torch.Tensor, last: bool) -> list[StreamEvent]:
         log_probs = self.posteriors.finish() if last else self.posteriors.feed(wave)
-        events = self._decode(log_probs)
+        events = self._decode(log_probs[:, self.columns])
         if last:
             if self.said or self.shown:
                 events.append(self._final(self.frames, clamp=True))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..audio import SAMPLE_RATE, AudioInput, load_audio, pad_waves, to_mono_16k
-from ..checkpoint import DECODER_FILE, LM_DIR, CheckpointError, load_model_files
+from ..checkpoint import DECODER_FILE, LM_DIR, CheckpointError, load_model_files, word_pieces_of
 from ..decoding import DECODING_FIELDS, Decoder, DecodingOptions, GreedyDecoder, Transcription, unknown_option
 from ..device import autocast, resolve_device
 from ..errors import OptionsError
@@ -67,23 +67,32 @@ class _Window:
 
 
 class ASRModel:
-    """A trained recognizer: weights, vocabulary and settings, ready to transcribe."""
+    """A trained recognizer: weights, vocabulary and settings, ready to transcribe.
+
+    A model with a second output layer over word pieces (ModelConfig.word_piece_vocab_size; `word_pieces`, by
+    default model.json's) decodes greedily from it and searches its beam over the characters of the first: its
+    posteriors hold both layers' log-probabilities side by side, and `columns` says which a decoder reads.
+    """
 
     def __init__(self, model: DeepSpeech2, vocab: Vocabulary, meta: dict | None = None,
                  lm: LanguageModel | None = None, decoding: DecodingOptions | None = None,
                  onnx: OnnxNetwork | None = None, autocast_dtype: torch.dtype | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", word_pieces: Vocabulary | None = None):
         self.model = model.eval()
         self.onnx = onnx  # when set, onnxruntime runs the network after the (torch) features
         self.autocast_dtype = autocast_dtype  # e.g. bf16 while training on a GPU; None: full precision
         self.precision = precision  # the network's weights: "int8" (quantize_int8) or "fp32"
         self.vocab = vocab
         self.meta = meta or {}
+        self.word_pieces = word_pieces if word_pieces is not None else word_pieces_of(self.meta)
+        if model.config.word_piece_vocab_size != (len(self.word_pieces) if self.word_pieces else 0):
+            raise ValueError(f"the model has {model.config.word_piece_vocab_size} word piece outputs, its word pieces "
+                             f"{len(self.word_pieces) if self.word_pieces else 0} tokens")
         self.lm = lm
         # the model's decoding defaults: decoder.json's (its decoder and tuned beam), else greedy; beam search
         # spells LM words when there is an LM
         self.decoding = decoding or DecodingOptions(lexicon=lm is not None)
-        self._greedy = GreedyDecoder(vocab)
+        self._greedy = GreedyDecoder(self.vocabulary("greedy"))
         self._beam_decoders: dict[str, BeamSearchDecoder] = {}
 
     @property
@@ -102,6 +111,16 @@ class ASRModel:
                 log_probs, frames = self.model(waves.to(self.device), lengths.to(self.device))
             return log_probs.float(), frames
         return self.onnx(*self.model.input_features(waves, lengths))
+
+    def columns(self, decoder: str) -> slice:
+        """The columns of `posteriors` that `decoder` ("greedy" or "beam") reads: a model with word pieces
+        decodes greedily from their output layer (the last columns), and searches beams over characters."""
+        chars = len(self.vocab)
+        return slice(chars, None) if decoder == "greedy" and self.word_pieces is not None else slice(0, chars)
+
+    def vocabulary(self, decoder: str) -> Vocabulary:
+        """The vocabulary of the columns that `decoder` reads."""
+        return self.word_pieces if decoder == "greedy" and self.word_pieces is not None else self.vocab
 
     @property
     def frame_seconds(self) -> float:
@@ -151,7 +170,8 @@ class ASRModel:
     @torch.no_grad()
     def posteriors(self, waves: Sequence[torch.Tensor], options: TranscribeOptions | None = None
                    ) -> list[torch.Tensor]:
-        """CTC log-probabilities (frames, vocab) per 16 kHz waveform, long ones windowed and stitched."""
+        """CTC log-probabilities (frames, vocab) per 16 kHz waveform, long ones windowed and stitched; of a model
+        with word pieces, (frames, characters + word pieces): see `columns`."""
         opts = options or TranscribeOptions()
         windows = [w for i, wave in enumerate(waves) for w in self._windows(i, wave, opts)]
         outputs = self._window_posteriors(windows, opts.batch_size)
@@ -253,7 +273,7 @@ class ASRModel:
 
     def decode(self, log_probs: torch.Tensor, duration: float, wave: torch.Tensor | None = None,
                speech: torch.Tensor | None = None, **options) -> Transcription:
-        """Text and words from one utterance's CTC log-probabilities (frames, vocab), as `posteriors` gives.
+        """Text and words from one utterance's CTC log-probabilities, as `posteriors` gives them.
 
         With its 16 kHz `wave` (or its `speech_frames`), words where the audio has no speech-like sound are
         dropped (`speech_check`). Options as for `transcribe`.
@@ -265,8 +285,8 @@ class ASRModel:
                     speech_check: bool = True, wave: torch.Tensor | None = None,
                     speech: torch.Tensor | None = None) -> Transcription:
         """`decode` with options already resolved by `options` (for loops over many utterances)."""
-        result = self.decoder(decoding).decode(log_probs[None], torch.tensor([len(log_probs)]),
-                                               self.frame_seconds)[0]
+        emissions = log_probs[:, self.columns(decoding.decoder)]
+        result = self.decoder(decoding).decode(emissions[None], torch.tensor([len(log_probs)]), self.frame_seconds)[0]
         result.duration = round(duration, 3)
         result.end_words_by(result.duration)
         if speech_check and speech is None and wave is not None:

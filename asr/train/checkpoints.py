@@ -13,7 +13,14 @@ from typing import Sequence
 
 import torch
 
-from ..checkpoint import CheckpointError, architecture_differences, load_model_files, read_model_json, save_model
+from ..checkpoint import (
+    CheckpointError,
+    architecture_differences,
+    load_model_files,
+    read_model_json,
+    save_model,
+    word_pieces_of,
+)
 from ..files import discard_dir, remove_leftovers
 from ..model import ModelConfig
 from ..text import Vocabulary
@@ -73,20 +80,26 @@ def remove_kill_leftovers(out: Path, *names: str) -> list[Path]:
     return remove_leftovers(out, *names, CHECKPOINTS) + remove_leftovers(out / CHECKPOINTS, "step-*")
 
 
-def network_differences(folder: Path, config: ModelConfig, vocab: Vocabulary) -> list[str]:
-    """What makes the network in `folder` (its model.json) another than `config` with `vocab`: each differing
-    setting ("KEY THERE there, NOW now") and "the vocabulary"; empty when its weights fit this network."""
-    saved, saved_vocab, _ = read_model_json(folder)
+def network_differences(folder: Path, config: ModelConfig, vocab: Vocabulary,
+                        word_pieces: Vocabulary | None = None) -> list[str]:
+    """What makes the network in `folder` (its model.json) another than `config` with `vocab` (and `word_pieces`,
+    a second output layer's): each differing setting ("KEY THERE there, NOW now"), "the vocabulary" and "the word
+    pieces"; empty when its weights fit this network."""
+    saved, saved_vocab, meta = read_model_json(folder)
     differ = [f"{k} {there!r} there, {now!r} now"
               for k, (now, there) in sorted(architecture_differences(config, saved).items())]
     if saved_vocab.tokens != vocab.tokens:
         differ.append("the vocabulary")
+    saved_pieces = word_pieces_of(meta)
+    if (saved_pieces and saved_pieces.tokens) != (word_pieces and word_pieces.tokens):
+        differ.append("the word pieces")
     return differ
 
 
-def check_resumable(checkpoint: Path, out: Path, config: ModelConfig, vocab: Vocabulary) -> None:
+def check_resumable(checkpoint: Path, out: Path, config: ModelConfig, vocab: Vocabulary,
+                    word_pieces: Vocabulary | None = None) -> None:
     """Refuse, before anything is written, to resume from a checkpoint of another model or vocabulary."""
-    differ = network_differences(checkpoint, config, vocab)
+    differ = network_differences(checkpoint, config, vocab, word_pieces)
     if differ:
         raise CheckpointError(f"{out}: cannot resume from {checkpoint.name}, model settings differ: "
                               f"{'; '.join(differ)}. Train with the checkpoint's settings, or use --restart "
@@ -108,8 +121,9 @@ def average_checkpoints(folders: Sequence[Path], out: Path) -> Path:
     if any(out.resolve() == f.resolve() for f in folders):
         raise CheckpointError(f"{out}: is one of the folders being averaged; write the average elsewhere")
     model, vocab, meta = load_model_files(folders[-1])
+    word_pieces = word_pieces_of(meta)
     for folder in folders[:-1]:  # every description checked before any more weights are read
-        differ = network_differences(folder, model.config, vocab)
+        differ = network_differences(folder, model.config, vocab, word_pieces)
         if differ:
             raise CheckpointError(f"{folder}: not the same network as {folders[-1]} ({'; '.join(differ)}); only "
                                   "checkpoints of one model can be averaged")
@@ -123,7 +137,7 @@ def average_checkpoints(folders: Sequence[Path], out: Path) -> Path:
     model.load_state_dict({k: (v / len(folders)).to(dtypes[k]) if v.is_floating_point() else v
                            for k, v in state.items()})
     metadata = {**meta.get("metadata", {}), "averaged_from": [str(f) for f in folders]}
-    save_model(out, model, vocab, metadata)
+    save_model(out, model, vocab, metadata, word_pieces=word_pieces)
     return out
 
 

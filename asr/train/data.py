@@ -29,14 +29,17 @@ class Unreadable:
 
 
 class SpeechDataset(Dataset):
-    """Returns (waveform, token ids, id), augmented on the fly when `augment` asks for it.
+    """Returns (waveform, token ids, id), augmented on the fly when `augment` asks for it; with `word_pieces`
+    (a second output layer's vocabulary) its token ids too, after the id.
 
     Babble is made from other utterances of the same dataset.
     """
 
-    def __init__(self, utterances: list[Utterance], vocab: Vocabulary, augment: AugmentOptions | None = None):
+    def __init__(self, utterances: list[Utterance], vocab: Vocabulary, augment: AugmentOptions | None = None,
+                 word_pieces: Vocabulary | None = None):
         self.utterances = utterances
         self.vocab = vocab
+        self.word_pieces = word_pieces
         augment = augment or AugmentOptions()
         self.augmenter = Augmenter(augment, SAMPLE_RATE, self._random_other) if augment.active else None
 
@@ -47,8 +50,9 @@ class SpeechDataset(Dataset):
     def __len__(self) -> int:
         return len(self.utterances)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str] | Unreadable:
-        """(waveform, token ids, id), or Unreadable when its audio (or a babble source's) fails to load."""
+    def __getitem__(self, index: int) -> tuple | Unreadable:
+        """(waveform, token ids, id[, word piece ids]), or Unreadable when its audio (or a babble source's) fails
+        to load."""
         utt = self.utterances[index]
         try:
             wave = load_audio(utt.audio_filepath)
@@ -56,22 +60,35 @@ class SpeechDataset(Dataset):
                 wave = self.augmenter(wave)
         except AudioError as e:
             return Unreadable(e.source, e.problem)
-        return wave, torch.tensor(self.vocab.encode(utt.text), dtype=torch.long), utt.id
+        item = wave, torch.tensor(self.vocab.encode(utt.text), dtype=torch.long), utt.id
+        if self.word_pieces is not None:
+            item += (torch.tensor(self.word_pieces.encode(utt.text), dtype=torch.long),)
+        return item
 
 
-def collate(batch: list[tuple[torch.Tensor, torch.Tensor, str] | Unreadable]) -> dict:
-    """Pad waveforms and targets into a batch dict; items that failed to load are listed in "unreadable"."""
+def _joined(targets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CTC's concatenated targets and their lengths."""
+    joined = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
+    return joined, torch.tensor([len(t) for t in targets], dtype=torch.long)
+
+
+def collate(batch: list[tuple | Unreadable]) -> dict:
+    """Pad waveforms and targets into a batch dict; items that failed to load are listed in "unreadable"; word
+    piece targets, where the items have them, as "piece_targets" and "piece_target_lengths"."""
     items = [b for b in batch if not isinstance(b, Unreadable)]
-    waves, targets, ids = [w for w, _, _ in items], [t for _, t, _ in items], [i for _, _, i in items]
-    padded, wave_lengths = pad_waves(waves)
-    return {
+    padded, wave_lengths = pad_waves([item[0] for item in items])
+    targets, target_lengths = _joined([item[1] for item in items])
+    collated = {
         "waves": padded,
         "wave_lengths": wave_lengths,
-        "targets": torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long),
-        "target_lengths": torch.tensor([len(t) for t in targets], dtype=torch.long),
-        "ids": ids,
+        "targets": targets,
+        "target_lengths": target_lengths,
+        "ids": [item[2] for item in items],
         "unreadable": [b for b in batch if isinstance(b, Unreadable)],
     }
+    if items and len(items[0]) == 4:
+        collated["piece_targets"], collated["piece_target_lengths"] = _joined([item[3] for item in items])
+    return collated
 
 
 class BucketBatchSampler(Sampler[list[int]]):

@@ -109,10 +109,10 @@ class IntervalMeans:
         self.sums: dict[str, float] = {}
 
     def add(self, metrics: dict, utterances: int, audio_seconds: float, wall_seconds: float) -> None:
-        """One step's metrics (`loss`, `grad_norm`, optional `consistency` and `intermediate`) over its
+        """One step's metrics (`loss`, `grad_norm`, optional `consistency`, `intermediate`, `word_pieces`) over its
         `utterances`; a step that had none (all unreadable) adds only its time."""
         if utterances:
-            for key in ("loss", "consistency", "intermediate"):
+            for key in ("loss", "consistency", "intermediate", "word_pieces"):
                 if key in metrics:
                     self.sums[key] = self.sums.get(key, 0.0) + metrics[key] * utterances
             self.utterances += utterances
@@ -122,7 +122,8 @@ class IntervalMeans:
         self.wall_seconds += wall_seconds
 
     def means(self) -> dict:
-        """The interval's loss (and consistency, intermediate), grad_norm and audio_sec_per_sec, rounded."""
+        """The interval's loss (and consistency, intermediate, word_pieces), grad_norm and audio_sec_per_sec,
+        rounded."""
         means = {key: round(total / max(self.utterances, 1), 4) for key, total in self.sums.items()}
         means["grad_norm"] = round(self.grad_norm / max(self.steps, 1), 3)
         means["audio_sec_per_sec"] = round(self.audio_seconds / max(self.wall_seconds, 1e-9), 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -34,8 +35,9 @@ from ..checkpoint import (
     read_model_json,
     reported_write_errors,
     save_model,
+    word_pieces_of,
 )
-from ..config import ConfigError, ExperimentConfig, config_to_dict
+from ..config import ConfigError, ExperimentConfig, TrainConfig, config_to_dict
 from ..device import autocast, autocast_dtype, resolve_device
 from ..features import GLOBAL_STATISTICS
 from ..files import write_text_atomically
@@ -53,6 +55,7 @@ from .checkpoints import (
     checkpoint_step,
     discard_checkpoints,
     latest_checkpoint,
+    network_differences,
     prune_checkpoints,
     remove_kill_leftovers,
     rng_state,
@@ -82,6 +85,27 @@ def run_vocabulary(tokenizer: str) -> Vocabulary:
         return WordPieceVocabulary.from_file(tokenizer)
     except WordPieceError as e:
         raise ConfigError(f"train.tokenizer: {e}") from None
+
+
+def run_word_pieces(train: TrainConfig) -> WordPieceVocabulary | None:
+    """The vocabulary of a run's second output layer: train.word_pieces, a sentencepiece model file or a model
+    folder whose word pieces to take (its second output layer's, or its first's); without it, those of the
+    train.init_from model's second output layer (fine-tuning keeps both layers), else None."""
+    source = train.word_pieces
+    if not source:
+        if train.init_from and not train.tokenizer and Path(train.init_from).is_dir():
+            return word_pieces_of(read_model_json(train.init_from)[2])
+        return None
+    if Path(source).is_dir():
+        _, vocab, meta = read_model_json(source)
+        pieces = word_pieces_of(meta) or vocab
+        if not isinstance(pieces, WordPieceVocabulary):
+            raise ConfigError(f"train.word_pieces: {source} is a model without word pieces")
+        return pieces
+    try:
+        return WordPieceVocabulary.from_file(source)
+    except WordPieceError as e:
+        raise ConfigError(f"train.word_pieces: {e}") from None
 
 
 def time_strides_alone_differ(mine: ModelConfig, theirs: ModelConfig) -> bool:
@@ -140,6 +164,8 @@ class Trainer:
         self.vocab = vocab or run_vocabulary(config.train.tokenizer)
         self.config = copy.deepcopy(config)  # sized to the vocabulary here; the caller's stays as it was
         self.config.model.vocab_size = len(self.vocab)
+        self.word_pieces = run_word_pieces(config.train)  # a second output layer's vocabulary, or None
+        self.config.model.word_piece_vocab_size = len(self.word_pieces) if self.word_pieces else 0
         data, train = self.config.data, self.config.train
         self.dist, self.device = init_distributed(resolve_device(train.device))
         self.progress = progress and self.dist.is_main
@@ -222,13 +248,20 @@ class Trainer:
         that a one-way (streaming) model may start from a bidirectional one's forward direction, and a model
         whose gru_hidden is a multiple of the source's starts from its units copied (DeepSpeech2.load_widened), and
         one whose convolutions stride differently in time (not in frequency) starts from the same weights, and a
-        run with word pieces (train.tokenizer) starts from all but the output layer of a model with others."""
-        source, vocab, _ = load_model_files(folder, "cpu")
+        run with word pieces (train.tokenizer) starts from all but the output layer of a model with others, and
+        one with a second output layer (train.word_pieces) from all but that of a model without it or with other
+        pieces."""
+        source, vocab, meta = load_model_files(folder, "cpu")
         new_tokens = vocab.tokens != self.vocab.tokens
         if new_tokens and not self.config.train.tokenizer:
             raise CheckpointError(f"{folder}: its vocabulary differs from this run's")
         if new_tokens:
             source.replace_output_layer(self.model.head[1])  # this run's fresh one
+        their_pieces = word_pieces_of(meta)
+        new_pieces = self.word_pieces is not None and (their_pieces or vocab).tokens != self.word_pieces.tokens
+        if new_pieces:  # this run's fresh second output layer
+            source.piece_head = copy.deepcopy(self.model.piece_head)
+            source.config = dataclasses.replace(source.config, word_piece_vocab_size=len(self.word_pieces))
         mine, theirs = self.config.model, source.config
         one_way_start = theirs.bidirectional and not mine.bidirectional
         widen = mine.gru_hidden > theirs.gru_hidden and mine.gru_hidden % theirs.gru_hidden == 0 and not one_way_start
@@ -253,6 +286,8 @@ class Trainer:
                 grown += f", its time stride changed from {theirs.time_stride} to {mine.time_stride}"
             if new_tokens:
                 grown += f", a new output layer for {len(self.vocab)} tokens (its own had {len(vocab)})"
+            if new_pieces:
+                grown += f", a new second output layer for {len(self.word_pieces)} word pieces"
             print(f"initialised from {folder}{grown}", flush=True)
 
     # ---------------------------------------------------------------- checkpoints
@@ -272,16 +307,18 @@ class Trainer:
                      "best_wer": self.best_wer, "world_size": self.dist.world_size, "audio_seconds": self.audio_seconds,
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "rng": rng, "ema": self.ema.state_dict() if self.ema is not None else None}
-            save_model(path, self.model, self.vocab, self._metadata(), trainer_state=state)
+            save_model(path, self.model, self.vocab, self._metadata(), trainer_state=state,
+                       word_pieces=self.word_pieces)
             prune_checkpoints(self.checkpoint_root, self.config.train.keep_checkpoints)
         barrier(self.dist)
         return path
 
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint folder: weights, optimiser, scheduler, position, RNG (and the average)."""
-        model, vocab, _ = load_model_files(path, self.device)
-        if vocab.tokens != self.vocab.tokens:
-            raise CheckpointError(f"{path}: checkpoint vocabulary differs from this run's")
+        differ = network_differences(path, self.config.model, self.vocab, self.word_pieces)
+        if differ:
+            raise CheckpointError(f"{path}: the checkpoint's network differs from this run's ({'; '.join(differ)})")
+        model, _, _ = load_model_files(path, self.device)
         state = load_trainer_state(path)
         if self.ema is not None and isinstance(state, dict) and state.get("ema") is None:
             raise CheckpointError(f"{path}: checkpoint has no weight average but train.ema_decay is set")
@@ -322,7 +359,8 @@ class Trainer:
         mean_seconds = sum(u.duration for u in self.dev_utts) / max(1, len(self.dev_utts))
         batch_size = max(1, int(self.config.data.max_batch_seconds / max(mean_seconds, 1.0)))
         try:
-            model = ASRModel(self.eval_model, self.vocab, autocast_dtype=self.amp_dtype)  # sets eval mode
+            model = ASRModel(self.eval_model, self.vocab, autocast_dtype=self.amp_dtype,  # sets eval mode
+                             word_pieces=self.word_pieces)
             hyps, loss = evaluate_utterances(model, self.dev_utts, self.progress, batch_size=batch_size)
         finally:
             self.eval_model.train(training)
@@ -341,7 +379,7 @@ class Trainer:
         msg = f"step {self.step} (epoch {epochs:.2f}): dev WER {result['dev_wer']:.2%} CER {result['dev_cer']:.2%}"
         if result["dev_wer"] < self.best_wer:
             self.best_wer = result["dev_wer"]
-            save_model(self.out / "best", self.eval_model, self.vocab, self._metadata())
+            save_model(self.out / "best", self.eval_model, self.vocab, self._metadata(), word_pieces=self.word_pieces)
             msg += " (best)"
         print_line(msg)
         self.save_checkpoint()
@@ -353,7 +391,7 @@ class Trainer:
         self.started, self.time_used = time.monotonic(), 0.0
         previous = self.latest_checkpoint() if resume else None
         if previous is not None:  # before anything in out_dir changes
-            check_resumable(previous, self.out, self.config.model, self.vocab)
+            check_resumable(previous, self.out, self.config.model, self.vocab, self.word_pieces)
         if self.dist.is_main:
             self._prepare_out_dir(resume)
         barrier(self.dist)  # out_dir is shared: every rank resumes from what rank 0 left there
@@ -367,7 +405,7 @@ class Trainer:
                   f"({sum(u.duration for u in self.train_utts) / 3600:.2f} h), about {self.total_steps} steps",
                   flush=True)
             self.logs = RunLogs(self.out, self.step)
-        dataset = SpeechDataset(self.train_utts, self.vocab, self.config.data)
+        dataset = SpeechDataset(self.train_utts, self.vocab, self.config.data, self.word_pieces)
         done = self._reached_max_steps()
         while self.epoch < train.epochs and not done:
             done = self._train_epoch(dataset)
@@ -510,10 +548,13 @@ class Trainer:
             self.scheduler.step()
             return {"loss": 0.0, "grad_norm": 0.0, "lr": lr, "audio_seconds": 0.0, "utterances": 0,
                     **({"consistency": 0.0} if views == 2 else {}),
-                    **({"intermediate": 0.0} if self.intermediate_layer else {})}
+                    **({"intermediate": 0.0} if self.intermediate_layer else {}),
+                    **({"word_pieces": 0.0} if self.word_pieces else {})}
         scale = self.dist.world_size / utterances  # DDP averages gradients over ranks
         model = self.ddp or self.model
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # CTC loss, consistency, intermediate CTC
+        # CTC loss, consistency, intermediate CTC, the word pieces' CTC
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        chars = len(self.vocab)  # the output's first columns (any after them: the word pieces)
         for i, batch in enumerate(batches):
             if not batch["ids"]:  # all failed to load; under DDP, still take part in every collective
                 if self.ddp is not None:
@@ -530,13 +571,22 @@ class Trainer:
                     targets, target_lengths = targets.repeat(2), target_lengths.repeat(2)
                 with autocast(self.device, self.amp_dtype):
                     log_probs, out_lengths, *intermediate = model(waves, lengths, self.intermediate_layer)
-                loss = self._ctc_loss(log_probs, out_lengths, targets, target_lengths) / views
+                loss = self._ctc_loss(log_probs[..., :chars], out_lengths, targets, target_lengths) / views
                 total = loss
                 if intermediate:  # intermediate CTC: the same targets, read from a middle layer
                     inter_loss = self._ctc_loss(intermediate[0], out_lengths, targets, target_lengths) / views
                     weight = train.intermediate_ctc_weight
                     total = (1 - weight) * loss + weight * inter_loss
                     sums[2] += inter_loss.detach()
+                if self.word_pieces is not None:  # the second output layer: the same text in word pieces
+                    piece_targets = batch["piece_targets"].to(self.device, non_blocking=True)
+                    piece_lengths = batch["piece_target_lengths"].to(self.device, non_blocking=True)
+                    if views == 2:
+                        piece_targets, piece_lengths = piece_targets.repeat(2), piece_lengths.repeat(2)
+                    piece_loss = self._ctc_loss(log_probs[..., chars:], out_lengths, piece_targets,
+                                                piece_lengths) / views
+                    total = (1 - train.word_piece_weight) * total + train.word_piece_weight * piece_loss
+                    sums[3] += piece_loss.detach()
                 if views == 2:
                     consistency = consistency_loss(*log_probs.chunk(2), out_lengths.chunk(2)[0])
                     total = total + train.consistency_weight * consistency
@@ -553,13 +603,16 @@ class Trainer:
                         batches[0]["ids"][:4])
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        loss_value, consistency_value, inter_value = (all_reduce_sum(self.dist, sums) / utterances).tolist()
+        loss_value, consistency_value, inter_value, piece_value = (
+            all_reduce_sum(self.dist, sums) / utterances).tolist()
         metrics = {"loss": round(loss_value, 4), "grad_norm": round(float(grad_norm), 3), "lr": lr,
                    "audio_seconds": samples / SAMPLE_RATE, "utterances": int(utterances)}
         if views == 2:
             metrics["consistency"] = round(consistency_value, 4)
         if self.intermediate_layer:
             metrics["intermediate"] = round(inter_value, 4)
+        if self.word_pieces is not None:
+            metrics["word_pieces"] = round(piece_value, 4)
         return metrics
 
     def _ctc_loss(self, log_probs: torch.Tensor, out_lengths: torch.Tensor, targets: torch.Tensor,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Four fine-tunings of the shipped model at once on one GPU: the ingredients of a weight soup (README.md, stage 11).
+# Four fine-tunings of the shipped model at once on one GPU: the ingredients of a weight soup (README.md, stage 12).
 #
 #   recipes/english/gpu_soup.sh PACK OUTDIR MINUTES [key=value ...]
 #
