@@ -19,7 +19,7 @@ from asr.serve import demo
 from asr.serve.onnx_export import export_onnx
 from asr.serve.streaming import PosteriorStream
 from asr.train.checkpoints import average_checkpoints, last_checkpoints
-from asr.train.trainer import Trainer
+from asr.train.trainer import Trainer, run_vocabulary
 from asr.word_pieces import WordPieceVocabulary, build_word_pieces
 
 from .conftest import TEXTS, TINY_OVERRIDES, tone_speech
@@ -177,6 +177,8 @@ def test_a_run_refuses_other_pieces_to_resume_and_both_kinds_of_pieces(two_layer
     pieces = Trainer(load_config(None, TINY_OVERRIDES + [f"train.word_pieces={out / 'best'}"]), tone_corpus,
                      tone_corpus, tmp_path / "y", progress=False).word_pieces
     assert pieces.tokens == read_model_json(out / "best")[2]["word_pieces"]["vocabulary"]
+    # and a run that emits word pieces alone may take them from it too (not its characters)
+    assert run_vocabulary(str(out / "best")).tokens == pieces.tokens
 
 
 def test_averaged_checkpoints_keep_their_word_pieces(two_layer_run, tmp_path):

@@ -24,6 +24,7 @@ import bisect
 import difflib
 import math
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -113,12 +114,17 @@ def _spell_words(words: list[str], emitted: list[Emitted]) -> list[Emitted]:
     return out
 
 
+def _lexicon_lines(vocab: Vocabulary, words: Iterable[str]) -> str:
+    """Flashlight lexicon lines, "word<TAB>its tokens", for each of `words` the vocabulary can spell."""
+    return "".join(f"{w}\t{' '.join(tokens)}\n" for w in words if (tokens := vocab.spell_word(w)))
+
+
 def _lexicon(vocab: Vocabulary, lm: LanguageModel) -> str:
-    """The LM's words spelled in the vocabulary's tokens, a line each (flashlight's lexicon file): the LM's own
-    lexicon.txt for characters; for word pieces, each word the pieces can spell."""
+    """The LM's words spelled in the vocabulary's tokens (flashlight's lexicon file): the LM's own lexicon.txt
+    for characters; for word pieces, each word the pieces can spell."""
     if not isinstance(vocab, WordPieceVocabulary):
         return lm.lexicon.read_text()
-    return "".join(f"{w}\t{' '.join(pieces)}\n" for w in lm.words if (pieces := vocab.spell_word(w)))
+    return _lexicon_lines(vocab, lm.words)
 
 
 def _boosted_lm(kenlm, boosts: dict[int, float]):
@@ -163,7 +169,7 @@ class BeamSearchDecoder:
                 raise OptionsError(f"hot words with characters the model cannot emit: {bad}")
             lexicon = Path(self._tmp.name) / "lexicon.txt"
             extra = [w for w in hot if w not in set(lm.words)]
-            lexicon.write_text(_lexicon(vocab, lm) + "".join(f"{w}\t{' '.join(vocab.spell_word(w))}\n" for w in extra))
+            lexicon.write_text(_lexicon(vocab, lm) + _lexicon_lines(vocab, extra))
             lm.check_binary()  # a damaged binary: LMError here, not a RuntimeError from ctc_decoder
             lm_arg = str(lm.binary)
             if hot:

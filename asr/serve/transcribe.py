@@ -85,9 +85,10 @@ class ASRModel:
         self.vocab = vocab
         self.meta = meta or {}
         self.word_pieces = word_pieces if word_pieces is not None else word_pieces_of(self.meta)
-        if model.config.word_piece_vocab_size != (len(self.word_pieces) if self.word_pieces else 0):
+        pieces = len(self.word_pieces) if self.word_pieces else 0
+        if model.config.word_piece_vocab_size != pieces:
             raise ValueError(f"the model has {model.config.word_piece_vocab_size} word piece outputs, its word pieces "
-                             f"{len(self.word_pieces) if self.word_pieces else 0} tokens")
+                             f"{pieces} tokens")
         self.lm = lm
         # the model's decoding defaults: decoder.json's (its decoder and tuned beam), else greedy; beam search
         # spells LM words when there is an LM

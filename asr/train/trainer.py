@@ -74,38 +74,36 @@ ONE_WAY_START_KEYS = {"bidirectional", "lookahead_frames", "end_silence_ms", "fe
 WIDEN_NOISE = 1e-3  # a model that starts wider than its source (train.init_from): noise on the copied weights
 
 
+def _word_pieces_from(source: str, key: str) -> Vocabulary:
+    """The word pieces of a sentencepiece model file, or of a model folder: its second output layer's, else its
+    first's vocabulary (characters, for a character model); `key` names the setting in errors."""
+    if Path(source).is_dir():
+        _, vocab, meta = read_model_json(source)
+        return word_pieces_of(meta) or vocab
+    try:
+        return WordPieceVocabulary.from_file(source)
+    except WordPieceError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
 def run_vocabulary(tokenizer: str) -> Vocabulary:
     """What a run's model emits: characters, or the word pieces of train.tokenizer (a sentencepiece model file,
-    or a model folder whose vocabulary to take)."""
-    if not tokenizer:
-        return Vocabulary()
-    if Path(tokenizer).is_dir():
-        return read_model_json(tokenizer)[1]
-    try:
-        return WordPieceVocabulary.from_file(tokenizer)
-    except WordPieceError as e:
-        raise ConfigError(f"train.tokenizer: {e}") from None
+    or a model folder whose word pieces to take)."""
+    return _word_pieces_from(tokenizer, "train.tokenizer") if tokenizer else Vocabulary()
 
 
 def run_word_pieces(train: TrainConfig) -> WordPieceVocabulary | None:
     """The vocabulary of a run's second output layer: train.word_pieces, a sentencepiece model file or a model
     folder whose word pieces to take (its second output layer's, or its first's); without it, those of the
     train.init_from model's second output layer (fine-tuning keeps both layers), else None."""
-    source = train.word_pieces
-    if not source:
+    if not train.word_pieces:
         if train.init_from and not train.tokenizer and Path(train.init_from).is_dir():
             return word_pieces_of(read_model_json(train.init_from)[2])
         return None
-    if Path(source).is_dir():
-        _, vocab, meta = read_model_json(source)
-        pieces = word_pieces_of(meta) or vocab
-        if not isinstance(pieces, WordPieceVocabulary):
-            raise ConfigError(f"train.word_pieces: {source} is a model without word pieces")
-        return pieces
-    try:
-        return WordPieceVocabulary.from_file(source)
-    except WordPieceError as e:
-        raise ConfigError(f"train.word_pieces: {e}") from None
+    pieces = _word_pieces_from(train.word_pieces, "train.word_pieces")
+    if not isinstance(pieces, WordPieceVocabulary):
+        raise ConfigError(f"train.word_pieces: {train.word_pieces} is a model without word pieces")
+    return pieces
 
 
 def time_strides_alone_differ(mine: ModelConfig, theirs: ModelConfig) -> bool:
